@@ -1,0 +1,195 @@
+/* The batch-norm passes for one dtype.  kernels.c includes this file once per dtype with
+ *   BN_T        the element type (float or double)
+ *   BN_NAME(n)  n suffixed with the dtype's name
+ * defined.  Every loop is written once; bn_reduce and bn_apply call their body with the layout's
+ * strides as compile-time constants where the layout is contiguous, so that GCC vectorizes those
+ * copies, and with run-time strides otherwise.  Loads and stores go through memcpy: unaligned
+ * buffers are legal input, and GCC turns these into plain (vector) moves.
+ */
+
+static BN_INLINE BN_T BN_NAME(load)(const char *p)
+{
+    BN_T v;
+    memcpy(&v, p, sizeof v);
+    return v;
+}
+
+static BN_INLINE void BN_NAME(store)(char *p, BN_T v)
+{
+    memcpy(p, &v, sizeof v);
+}
+
+/* Reductions accumulate in float64 from data shifted by a per-feature value near the mean
+ * (shift), which keeps the one-pass variance exact for data far from zero; dy = NULL means the
+ * statistics pass, where the "weight" w is the shifted value itself:
+ *   sum0 += w,  sum1 += w * (x - shift),  sum2 += x - shift (with dy only).
+ * Features along the inner dimension (fs1 != 0) accumulate element by element into the per-feature
+ * sums; batch along the inner dimension (fs1 == 0) sums each row in BN_LANES independent lanes
+ * first, added in a fixed order, which both vectorizes and shortens the rounding chains. */
+static BN_INLINE void BN_NAME(reduce_body)(
+    npy_intp n0, npy_intp n1, const char *x, npy_intp xs0, npy_intp xs1, const char *dy,
+    npy_intp ds0, npy_intp ds1, npy_intp f0, npy_intp fs0, npy_intp fs1,
+    const BN_T *restrict shift, double *restrict sum0, double *restrict sum1,
+    double *restrict sum2, const int has_dy)
+{
+    if (fs1 != 0) {
+        for (npy_intp i = 0; i < n0; i++) {
+            const char *xrow = x + i * xs0, *dyrow = dy + i * ds0;
+            const npy_intp frow = f0 + i * fs0;
+            for (npy_intp j = 0; j < n1; j++) {
+                const npy_intp f = frow + j * fs1;
+                const double v = (double)BN_NAME(load)(xrow + j * xs1) - (double)shift[f];
+                const double w = has_dy ? (double)BN_NAME(load)(dyrow + j * ds1) : v;
+                sum0[f] += w;
+                sum1[f] += w * v;
+                if (has_dy)
+                    sum2[f] += v;
+            }
+        }
+        return;
+    }
+    for (npy_intp i = 0; i < n0; i++) {
+        const char *xrow = x + i * xs0, *dyrow = dy + i * ds0;
+        const npy_intp f = f0 + i * fs0;
+        const double k = (double)shift[f];
+        double lane0[BN_LANES] = {0}, lane1[BN_LANES] = {0}, lane2[BN_LANES] = {0};
+        npy_intp j = 0;
+        for (; j + BN_LANES <= n1; j += BN_LANES) {
+            for (npy_intp l = 0; l < BN_LANES; l++) {
+                const double v = (double)BN_NAME(load)(xrow + (j + l) * xs1) - k;
+                const double w = has_dy ? (double)BN_NAME(load)(dyrow + (j + l) * ds1) : v;
+                lane0[l] += w;
+                lane1[l] += w * v;
+                if (has_dy)
+                    lane2[l] += v;
+            }
+        }
+        for (npy_intp l = 0; j < n1; j++, l++) {
+            const double v = (double)BN_NAME(load)(xrow + j * xs1) - k;
+            const double w = has_dy ? (double)BN_NAME(load)(dyrow + j * ds1) : v;
+            lane0[l] += w;
+            lane1[l] += w * v;
+            if (has_dy)
+                lane2[l] += v;
+        }
+        double t0 = 0, t1 = 0, t2 = 0;
+        for (npy_intp l = 0; l < BN_LANES; l++) {
+            t0 += lane0[l];
+            t1 += lane1[l];
+            t2 += lane2[l];
+        }
+        sum0[f] += t0;
+        sum1[f] += t1;
+        if (has_dy)
+            sum2[f] += t2;
+    }
+}
+
+static BN_INLINE void BN_NAME(reduce)(const bn_block *b, const bn_coefs *c, const int has_dy)
+{
+    const BN_T *shift = (const BN_T *)c->shift;
+    double *sum0 = c->acc, *sum1 = sum0 + c->nfeat, *sum2 = sum1 + c->nfeat;
+    /* without dy, dy aliases x so that every pointer stays valid */
+    const npy_intp op_dy = has_dy ? 1 : 0;
+    const char *x = b->ptr[0], *dy = b->ptr[op_dy];
+    const npy_intp xs0 = b->s0[0], ds0 = b->s0[op_dy];
+    const npy_intp isz = (npy_intp)sizeof(BN_T);
+    const int contiguous = b->s1[0] == isz && b->s1[op_dy] == isz;
+    if (contiguous && b->fs1 == 1)
+        BN_NAME(reduce_body)(b->n0, b->n1, x, xs0, isz, dy, ds0, isz, b->f0, b->fs0, 1, shift,
+                             sum0, sum1, sum2, has_dy);
+    else if (contiguous && b->fs1 == 0)
+        BN_NAME(reduce_body)(b->n0, b->n1, x, xs0, isz, dy, ds0, isz, b->f0, b->fs0, 0, shift,
+                             sum0, sum1, sum2, has_dy);
+    else
+        BN_NAME(reduce_body)(b->n0, b->n1, x, xs0, b->s1[0], dy, ds0, b->s1[op_dy], b->f0,
+                             b->fs0, b->fs1, shift, sum0, sum1, sum2, has_dy);
+}
+
+/* Elementwise: out = ((x - shift) - center) * scale + offset [+ dy * dyscale], in the data's
+ * dtype, m <= BN_LANES elements starting at feature f.  All of a tile is loaded before any of it
+ * is stored, so out may be x or dy itself (in place) and the loops still vectorize. */
+static BN_INLINE void BN_NAME(apply_tile)(
+    npy_intp m, const char *x, npy_intp xs1, const char *dy, npy_intp ds1, char *out,
+    npy_intp os1, npy_intp f, npy_intp fs1, const bn_coefs *c, const int has_dy)
+{
+    const BN_T *restrict shift = (const BN_T *)c->shift, *restrict center = (const BN_T *)c->center;
+    const BN_T *restrict scale = (const BN_T *)c->scale, *restrict offset = (const BN_T *)c->offset;
+    const BN_T *restrict dyscale = (const BN_T *)c->dyscale;
+    BN_T v[BN_LANES], w[BN_LANES];
+    for (npy_intp l = 0; l < m; l++)
+        v[l] = BN_NAME(load)(x + l * xs1);
+    if (has_dy)
+        for (npy_intp l = 0; l < m; l++)
+            w[l] = BN_NAME(load)(dy + l * ds1);
+    for (npy_intp l = 0; l < m; l++) {
+        const npy_intp g = f + l * fs1;
+        v[l] = ((v[l] - shift[g]) - center[g]) * scale[g] + offset[g];
+        if (has_dy)
+            v[l] += w[l] * dyscale[g];
+    }
+    for (npy_intp l = 0; l < m; l++)
+        BN_NAME(store)(out + l * os1, v[l]);
+}
+
+static BN_INLINE void BN_NAME(apply_body)(
+    npy_intp n0, npy_intp n1, const char *x, npy_intp xs0, npy_intp xs1, const char *dy,
+    npy_intp ds0, npy_intp ds1, char *out, npy_intp os0, npy_intp os1, npy_intp f0, npy_intp fs0,
+    npy_intp fs1, const bn_coefs *c, const int has_dy)
+{
+    for (npy_intp i = 0; i < n0; i++) {
+        const char *xrow = x + i * xs0, *dyrow = dy + i * ds0;
+        char *orow = out + i * os0;
+        const npy_intp frow = f0 + i * fs0;
+        npy_intp j = 0;
+        for (; j + BN_LANES <= n1; j += BN_LANES)
+            BN_NAME(apply_tile)(BN_LANES, xrow + j * xs1, xs1, dyrow + j * ds1, ds1, orow + j * os1,
+                                os1, frow + j * fs1, fs1, c, has_dy);
+        if (j < n1)
+            BN_NAME(apply_tile)(n1 - j, xrow + j * xs1, xs1, dyrow + j * ds1, ds1, orow + j * os1,
+                                os1, frow + j * fs1, fs1, c, has_dy);
+    }
+}
+
+static BN_INLINE void BN_NAME(apply)(const bn_block *b, const bn_coefs *c, const int has_dy)
+{
+    const npy_intp op_dy = has_dy ? 1 : 0, op_out = has_dy ? 2 : 1;
+    const char *x = b->ptr[0], *dy = b->ptr[op_dy];
+    char *out = b->ptr[op_out];
+    const npy_intp isz = (npy_intp)sizeof(BN_T);
+    const int contiguous = b->s1[0] == isz && b->s1[op_dy] == isz && b->s1[op_out] == isz;
+    if (contiguous && b->fs1 == 1)
+        BN_NAME(apply_body)(b->n0, b->n1, x, b->s0[0], isz, dy, b->s0[op_dy], isz, out,
+                            b->s0[op_out], isz, b->f0, b->fs0, 1, c, has_dy);
+    else if (contiguous && b->fs1 == 0)
+        BN_NAME(apply_body)(b->n0, b->n1, x, b->s0[0], isz, dy, b->s0[op_dy], isz, out,
+                            b->s0[op_out], isz, b->f0, b->fs0, 0, c, has_dy);
+    else
+        BN_NAME(apply_body)(b->n0, b->n1, x, b->s0[0], b->s1[0], dy, b->s0[op_dy], b->s1[op_dy],
+                            out, b->s0[op_out], b->s1[op_out], b->f0, b->fs0, b->fs1, c, has_dy);
+}
+
+/* The entry points: each is compiled for several instruction sets and picked at load time. */
+static BN_TARGETS void BN_NAME(stats)(const bn_block *b, const bn_coefs *c)
+{
+    BN_NAME(reduce)(b, c, 0);
+}
+
+static BN_TARGETS void BN_NAME(bwd_sums)(const bn_block *b, const bn_coefs *c)
+{
+    BN_NAME(reduce)(b, c, 1);
+}
+
+static BN_TARGETS void BN_NAME(normalize)(const bn_block *b, const bn_coefs *c)
+{
+    BN_NAME(apply)(b, c, 0);
+}
+
+static BN_TARGETS void BN_NAME(bwd_apply)(const bn_block *b, const bn_coefs *c)
+{
+    BN_NAME(apply)(b, c, 1);
+}
+
+const bn_dtype_kernels BN_NAME(bn_kernels) = {
+    BN_NAME(stats), BN_NAME(bwd_sums), BN_NAME(normalize), BN_NAME(bwd_apply), sizeof(BN_T),
+};
