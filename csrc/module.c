@@ -366,44 +366,114 @@ static PyArrayObject *result_array(PyArrayObject *out, PyArrayObject *x, PyArray
     return (PyArrayObject *)PyArray_NewLikeArray(x, NPY_KEEPORDER, PyArray_DESCR(x), 0);
 }
 
-static int finish_result(PyArrayObject *out, PyArrayObject *result)
-{
-    if (out && out != result)
-        return PyArray_CopyInto(out, result);
-    return 0;
-}
-
-/* ---- per-feature scratch ---- */
+/* ---- one call's state ---- */
 
 /* Everything a call computes per feature, float64 unless noted, in one allocation. */
 typedef struct {
-    double *gamma, *beta, *mean, *var, *rstd, *acc; /* acc: BN_NACC * nfeat */
-    char *shift, *center, *scale, *offset, *dyscale; /* in x's dtype */
+    double *gamma, *beta, *mean, *var, *rstd;
+    double *resid; /* mean minus shift: the low part the data's dtype cannot hold */
+    double *acc;   /* BN_NACC * nfeat reduction sums */
+    char *shift, *center, *scale, *offset, *dyscale; /* in the data's dtype */
     void *block;
 } scratch;
+
+typedef struct {
+    PyArrayObject *x, *dy;   /* owned */
+    PyArrayObject *out;      /* borrowed: the caller's out=, or NULL */
+    PyArrayObject *result;   /* owned: what the elementwise pass writes (out, new, or temporary) */
+    layout L;
+    int type_num;
+    const bn_dtype_kernels *K;
+    scratch s;
+} call;
+
+static void call_clear(call *c)
+{
+    PyMem_Free(c->s.block);
+    Py_XDECREF(c->x);
+    Py_XDECREF(c->dy);
+    Py_XDECREF(c->result);
+}
 
 static int scratch_alloc(scratch *s, npy_intp nfeat, size_t itemsize)
 {
     const size_t n = (size_t)(nfeat ? nfeat : 1);
-    s->block = PyMem_Calloc(n, (5 + BN_NACC) * sizeof(double) + 5 * itemsize);
+    enum { NDOUBLES = 6 + BN_NACC, NTYPED = 5 };
+    s->block = PyMem_Calloc(n, NDOUBLES * sizeof(double) + NTYPED * itemsize);
     if (!s->block) {
         PyErr_NoMemory();
         return -1;
     }
     double *d = s->block;
-    s->gamma = d;
-    s->beta = d + n;
-    s->mean = d + 2 * n;
-    s->var = d + 3 * n;
-    s->rstd = d + 4 * n;
-    s->acc = d + 5 * n;
-    char *c = (char *)(d + (5 + BN_NACC) * n);
-    s->shift = c;
-    s->center = c + n * itemsize;
-    s->scale = c + 2 * n * itemsize;
-    s->offset = c + 3 * n * itemsize;
-    s->dyscale = c + 4 * n * itemsize;
+    double **vectors[] = {&s->gamma, &s->beta, &s->mean, &s->var, &s->rstd, &s->resid};
+    for (size_t i = 0; i < sizeof vectors / sizeof *vectors; i++)
+        *vectors[i] = d + i * n;
+    s->acc = d + 6 * n;
+    char *t = (char *)(d + NDOUBLES * n);
+    char **typed[] = {&s->shift, &s->center, &s->scale, &s->offset, &s->dyscale};
+    for (size_t i = 0; i < NTYPED; i++)
+        *typed[i] = t + i * n * itemsize;
     return 0;
+}
+
+/* x (and dy, if dy_obj is given) as data arrays, the layout of axis, and the scratch. */
+static int call_data(call *c, PyObject *x_obj, PyObject *dy_obj, PyObject *axis)
+{
+    c->x = as_data_array(x_obj, "x");
+    if (!c->x || parse_layout(axis, c->x, &c->L) < 0)
+        return -1;
+    c->type_num = PyArray_TYPE(c->x);
+    c->K = c->type_num == NPY_FLOAT ? &bn_kernels_float : &bn_kernels_double;
+    if (dy_obj) {
+        c->dy = as_data_array(dy_obj, "dy");
+        if (!c->dy)
+            return -1;
+        if (PyArray_NDIM(c->dy) != PyArray_NDIM(c->x) ||
+            !PyArray_CompareLists(PyArray_DIMS(c->dy), PyArray_DIMS(c->x), PyArray_NDIM(c->x))) {
+            shape_error(PyExc_ValueError, "dy", PyArray_NDIM(c->dy), PyArray_DIMS(c->dy),
+                        "but x has shape", PyArray_NDIM(c->x), PyArray_DIMS(c->x));
+            return -1;
+        }
+        if (PyArray_TYPE(c->dy) != c->type_num) {
+            /* the one copy bnorm makes: dy of the other float dtype, cast to x's */
+            Py_SETREF(c->dy, (PyArrayObject *)PyArray_FromArray(
+                                 c->dy, PyArray_DescrFromType(c->type_num), 0));
+            if (!c->dy)
+                return -1;
+        }
+    }
+    return scratch_alloc(&c->s, c->L.nfeat, c->K->itemsize);
+}
+
+static int require_batch(const call *c)
+{
+    if (c->L.m == 0) {
+        PyErr_SetString(PyExc_ValueError,
+                        "bnorm: no elements to reduce over (a batch axis has length 0)");
+        return -1;
+    }
+    return 0;
+}
+
+/* Check out= and choose the array the elementwise pass writes. */
+static int call_out(call *c, PyObject *out_obj)
+{
+    if (out_obj != Py_None) {
+        if (check_out(out_obj, c->x) < 0)
+            return -1;
+        c->out = (PyArrayObject *)out_obj;
+    }
+    c->result = result_array(c->out, c->x, c->dy);
+    return c->result ? 0 : -1;
+}
+
+/* The elementwise result as the caller sees it: out (filled from a temporary if one was
+ * needed), or the new array.  Returns a borrowed reference, NULL on error. */
+static PyObject *call_finish(call *c)
+{
+    if (c->out && c->out != c->result && PyArray_CopyInto(c->out, c->result) < 0)
+        return NULL;
+    return c->out ? (PyObject *)c->out : (PyObject *)c->result;
 }
 
 /* Store v, rounded to the data's dtype, as element f of dst. */
@@ -420,23 +490,17 @@ static double get(const char *src, npy_intp f, int type_num)
     return type_num == NPY_FLOAT ? (double)((const float *)src)[f] : ((const double *)src)[f];
 }
 
-/* Split each mean into shift (the data's dtype) + center, so (x - shift) - center keeps the
- * mean's low bits that a float32 mean would lose. */
-static void split_mean(const scratch *s, npy_intp nfeat, int type_num)
+static PyArrayObject *feature_array(const call *c, int type_num, const double *values)
 {
-    for (npy_intp f = 0; f < nfeat; f++) {
-        put(s->shift, f, s->mean[f], type_num);
-        put(s->center, f, s->mean[f] - get(s->shift, f, type_num), type_num);
-    }
+    PyArrayObject *a = (PyArrayObject *)PyArray_SimpleNew(c->L.nkept, c->L.fshape, type_num);
+    if (a)
+        for (npy_intp f = 0; f < c->L.nfeat; f++)
+            put(PyArray_BYTES(a), f, values[f], type_num);
+    return a;
 }
 
-static const bn_dtype_kernels *kernels_for(int type_num)
-{
-    return type_num == NPY_FLOAT ? &bn_kernels_float : &bn_kernels_double;
-}
-
-/* Walk x (and the other operands) with the plan the layout gives and run one pass. */
-static int run_pass(const layout *L, bn_kernel kernel, const bn_coefs *c, npy_intp nops,
+/* Walk the operands with the plan the layout gives and run one pass. */
+static int run_pass(const call *c, bn_kernel kernel, const bn_coefs *coefs, npy_intp nops,
                     PyArrayObject **ops)
 {
     char *data[BN_MAXOPS];
@@ -446,13 +510,124 @@ static int run_pass(const layout *L, bn_kernel kernel, const bn_coefs *c, npy_in
         strides[k] = PyArray_STRIDES(ops[k]);
     }
     bn_plan plan;
-    bn_plan_init(&plan, L->ndim, PyArray_DIMS(ops[0]), L->fstride, nops, data, strides);
-    return bn_run(&plan, kernel, c);
+    bn_plan_init(&plan, c->L.ndim, PyArray_DIMS(ops[0]), c->L.fstride, nops, data, strides);
+    return bn_run(&plan, kernel, coefs);
 }
 
-static PyArrayObject *new_feature_array(const layout *L, int type_num)
+/* ---- the steps: each runs without the GIL and returns 0, or -1 when out of memory ---- */
+
+/* Split each mean into shift (the data's dtype) + resid, so (x - shift) - resid keeps the mean's
+ * low bits that a float32 mean would lose. */
+static void split_mean(call *c)
 {
-    return (PyArrayObject *)PyArray_SimpleNew(L->nkept, L->fshape, type_num);
+    scratch *s = &c->s;
+    for (npy_intp f = 0; f < c->L.nfeat; f++) {
+        put(s->shift, f, s->mean[f], c->type_num);
+        s->resid[f] = s->mean[f] - get(s->shift, f, c->type_num);
+    }
+}
+
+/* Batch mean and biased variance of x per feature: one pass, float64 sums of data shifted by
+ * each feature's first element (close to its mean, so no cancellation). */
+static int step_stats(call *c)
+{
+    scratch *s = &c->s;
+    const layout *L = &c->L;
+    npy_intp kept_strides[BN_MAXDIMS];
+    for (npy_intp i = 0; i < L->nkept; i++)
+        kept_strides[i] = PyArray_STRIDE(c->x, L->kept[i]);
+    bn_gather_first(L->nkept, L->fshape, kept_strides, PyArray_BYTES(c->x), c->K->itemsize,
+                    s->shift);
+    const bn_coefs sums = {.shift = s->shift, .acc = s->acc, .nfeat = L->nfeat};
+    if (run_pass(c, c->K->stats, &sums, 1, &c->x) < 0)
+        return -1;
+    const double *sum0 = s->acc, *sum1 = s->acc + L->nfeat;
+    for (npy_intp f = 0; f < L->nfeat; f++) {
+        const double d = sum0[f] / (double)L->m;
+        const double var = sum1[f] / (double)L->m - d * d;
+        s->mean[f] = get(s->shift, f, c->type_num) + d;
+        s->var[f] = var < 0 ? 0 : var; /* rounding only; NaN stays NaN */
+    }
+    return 0;
+}
+
+static int step_rstd(call *c, double eps)
+{
+    for (npy_intp f = 0; f < c->L.nfeat; f++)
+        c->s.rstd[f] = 1.0 / sqrt(c->s.var[f] + eps);
+    return 0;
+}
+
+/* result = (x - mean) * (rstd * gamma) + beta. */
+static int step_normalize(call *c)
+{
+    scratch *s = &c->s;
+    split_mean(c);
+    for (npy_intp f = 0; f < c->L.nfeat; f++) {
+        put(s->center, f, s->resid[f], c->type_num);
+        put(s->scale, f, s->rstd[f] * s->gamma[f], c->type_num);
+        put(s->offset, f, s->beta[f], c->type_num);
+    }
+    const bn_coefs coefs = {.shift = s->shift, .center = s->center, .scale = s->scale,
+                            .offset = s->offset, .nfeat = c->L.nfeat};
+    PyArrayObject *ops[2] = {c->x, c->result};
+    return run_pass(c, c->K->normalize, &coefs, 2, ops);
+}
+
+/* acc[0] = sum(dy), acc[1] = sum(dy * (x - mean)) per feature.  batch_mean: mean is x's own batch
+ * mean, so its low part is recomputed from the data (exact even when mean was rounded to
+ * float32); otherwise mean is taken as given. */
+static int step_bwd_sums(call *c, int batch_mean)
+{
+    scratch *s = &c->s;
+    const npy_intp nf = c->L.nfeat;
+    split_mean(c);
+    const bn_coefs sums = {.shift = s->shift, .acc = s->acc, .nfeat = nf};
+    PyArrayObject *ops[2] = {c->x, c->dy};
+    if (run_pass(c, c->K->bwd_sums, &sums, 2, ops) < 0)
+        return -1;
+    double *sum_dy = s->acc, *sum_dyv = s->acc + nf, *sum_v = s->acc + 2 * nf;
+    for (npy_intp f = 0; f < nf; f++) {
+        if (batch_mean)
+            s->resid[f] = sum_v[f] / (double)c->L.m;
+        sum_dyv[f] -= s->resid[f] * sum_dy[f];
+    }
+    return 0;
+}
+
+/* dx from the sums step_bwd_sums leaves in acc, taken over count elements per feature:
+ * training: dx = gamma * rstd * (dy - sum_dy / count - xhat * rstd * sum_dy_xmu / count);
+ * otherwise dx = gamma * rstd * dy. */
+static int step_bwd_apply(call *c, double count, int training)
+{
+    scratch *s = &c->s;
+    const npy_intp nf = c->L.nfeat;
+    const double *sum_dy = s->acc, *sum_dy_xmu = s->acc + nf;
+    for (npy_intp f = 0; f < nf; f++) {
+        const double r = s->rstd[f], a = s->gamma[f] * r;
+        put(s->center, f, training ? s->resid[f] : 0.0, c->type_num);
+        put(s->scale, f, training ? -a * r * r * sum_dy_xmu[f] / count : a, c->type_num);
+        put(s->offset, f, training ? -a * sum_dy[f] / count : 0.0, c->type_num);
+        put(s->dyscale, f, a, c->type_num);
+        if (!training)
+            put(s->shift, f, 0.0, c->type_num);
+    }
+    const bn_coefs coefs = {.shift = s->shift, .center = s->center, .scale = s->scale,
+                            .offset = s->offset, .dyscale = s->dyscale, .nfeat = nf};
+    if (training) {
+        PyArrayObject *ops[3] = {c->x, c->dy, c->result};
+        return run_pass(c, c->K->bwd_apply, &coefs, 3, ops);
+    }
+    /* dx = a * dy does not read x: the normalize pass over dy, with zero shift and center */
+    PyArrayObject *ops[2] = {c->dy, c->result};
+    return run_pass(c, c->K->normalize, &coefs, 2, ops);
+}
+
+/* step_bwd_apply with sums reduced elsewhere (over several workers) and mean as given. */
+static int step_bwd_apply_given(call *c, double count)
+{
+    split_mean(c);
+    return step_bwd_apply(c, count, 1);
 }
 
 static double as_double_arg(PyObject *obj, const char *name, int *err)
@@ -464,6 +639,15 @@ static double as_double_arg(PyObject *obj, const char *name, int *err)
         *err = 1;
     }
     return v;
+}
+
+static int check_nargs(Py_ssize_t nargs, Py_ssize_t want, const char *name)
+{
+    if (nargs != want) {
+        PyErr_Format(PyExc_TypeError, "_bnorm.%s takes %zd positional arguments", name, want);
+        return -1;
+    }
+    return 0;
 }
 
 /* r = momentum * r + (1 - momentum) * batch, in float64, written back in r's own dtype. */
@@ -483,28 +667,55 @@ static int update_running(PyObject *obj, const double *batch, double momentum, c
     return rc;
 }
 
-/* ---- forward ---- */
+/* dgamma in gamma's shape: per-feature values summed over what gamma was broadcast over. */
+static PyArrayObject *sum_to_param(const call *c, PyArrayObject *param, const double *values,
+                                   double *work)
+{
+    if (!param)
+        return feature_array(c, c->type_num, values);
+    npy_intp *map = PyMem_Malloc(sizeof(npy_intp) * (size_t)(c->L.nfeat ? c->L.nfeat : 1));
+    PyArrayObject *a = (PyArrayObject *)PyArray_SimpleNew(PyArray_NDIM(param),
+                                                          PyArray_DIMS(param), c->type_num);
+    if (!map || !a) {
+        PyMem_Free(map);
+        Py_XDECREF(a);
+        return (PyArrayObject *)(PyErr_Occurred() ? NULL : PyErr_NoMemory());
+    }
+    broadcast_map(&c->L, PyArray_NDIM(param), PyArray_DIMS(param), map);
+    const npy_intp n = PyArray_SIZE(param);
+    memset(work, 0, sizeof(double) * (size_t)n);
+    for (npy_intp f = 0; f < c->L.nfeat; f++)
+        work[map[f]] += values[f];
+    for (npy_intp g = 0; g < n; g++)
+        put(PyArray_BYTES(a), g, work[g], c->type_num);
+    PyMem_Free(map);
+    return a;
+}
+
+#define RUN_WITHOUT_GIL(failed, steps)                                                             \
+    do {                                                                                           \
+        Py_BEGIN_ALLOW_THREADS;                                                                    \
+        failed = (steps);                                                                          \
+        Py_END_ALLOW_THREADS;                                                                      \
+        if (failed)                                                                                \
+            PyErr_NoMemory();                                                                      \
+    } while (0)
+
+/* ---- forward, backward ---- */
 
 static PyObject *bn_forward(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
 {
-    if (nargs != 10) {
-        PyErr_SetString(PyExc_TypeError, "_bnorm.forward takes 10 positional arguments");
+    if (check_nargs(nargs, 10, "forward") < 0)
         return NULL;
-    }
-    PyObject *x_obj = args[0], *gamma_obj = args[1], *beta_obj = args[2], *axis = args[3];
-    PyObject *rmean_obj = args[6], *rvar_obj = args[7], *out_obj = args[9];
-    PyArrayObject *x = NULL, *out = NULL, *y = NULL, *mean = NULL, *rstd = NULL;
+    PyObject *rmean_obj = args[6], *rvar_obj = args[7];
+    call c = {0};
     PyObject *result = NULL;
-    scratch s = {0};
-    layout L;
-    int err = 0;
-
+    PyArrayObject *mean = NULL, *rstd = NULL;
+    int err = 0, failed;
     const double eps = as_double_arg(args[4], "eps", &err);
-    const double momentum = as_double_arg(args[8], "momentum", &err);
-    if (err)
-        return NULL;
-    const int training = PyObject_IsTrue(args[5]);
-    if (training < 0)
+    const double momentum = err ? 0 : as_double_arg(args[8], "momentum", &err);
+    const int training = err ? 0 : PyObject_IsTrue(args[5]);
+    if (err || training < 0)
         return NULL;
     if (!(eps >= 0 && eps < INFINITY)) {
         PyErr_Format(PyExc_ValueError, "bnorm: eps must be a finite number >= 0, got %R", args[4]);
@@ -514,236 +725,195 @@ static PyObject *bn_forward(PyObject *self, PyObject *const *args, Py_ssize_t na
         PyErr_Format(PyExc_ValueError, "bnorm: momentum must be in [0, 1], got %R", args[8]);
         return NULL;
     }
-    x = as_data_array(x_obj, "x");
-    if (!x || parse_layout(axis, x, &L) < 0)
+    if (call_data(&c, args[0], NULL, args[3]) < 0 || (training && require_batch(&c) < 0) ||
+        per_feature(args[1], "gamma", &c.L, 0, 1.0, c.s.gamma, NULL) < 0 ||
+        per_feature(args[2], "beta", &c.L, 0, 0.0, c.s.beta, NULL) < 0)
         goto done;
-    const int type_num = PyArray_TYPE(x);
-    const bn_dtype_kernels *K = kernels_for(type_num);
-    if (training && L.m == 0) {
+    if (training) {
+        if ((rmean_obj != Py_None && check_running(rmean_obj, "running_mean", &c.L) < 0) ||
+            (rvar_obj != Py_None && check_running(rvar_obj, "running_var", &c.L) < 0))
+            goto done;
+    } else if (rmean_obj == Py_None || rvar_obj == Py_None) {
         PyErr_SetString(PyExc_ValueError,
-                        "bnorm: no elements to reduce over (a batch axis has length 0)");
+                        "bnorm: training=False needs running_mean and running_var");
+        goto done;
+    } else if (per_feature(rmean_obj, "running_mean", &c.L, 1, 0.0, c.s.mean, NULL) < 0 ||
+               per_feature(rvar_obj, "running_var", &c.L, 1, 0.0, c.s.var, NULL) < 0) {
         goto done;
     }
-    if (scratch_alloc(&s, L.nfeat, K->itemsize) < 0 ||
-        per_feature(gamma_obj, "gamma", &L, 0, 1.0, s.gamma, NULL) < 0 ||
-        per_feature(beta_obj, "beta", &L, 0, 0.0, s.beta, NULL) < 0)
+    if (call_out(&c, args[9]) < 0)
         goto done;
-    if (training) {
-        if ((rmean_obj != Py_None && check_running(rmean_obj, "running_mean", &L) < 0) ||
-            (rvar_obj != Py_None && check_running(rvar_obj, "running_var", &L) < 0))
-            goto done;
-    } else {
-        if (rmean_obj == Py_None || rvar_obj == Py_None) {
-            PyErr_SetString(PyExc_ValueError,
-                            "bnorm: training=False needs running_mean and running_var");
-            goto done;
-        }
-        if (per_feature(rmean_obj, "running_mean", &L, 1, 0.0, s.mean, NULL) < 0 ||
-            per_feature(rvar_obj, "running_var", &L, 1, 0.0, s.var, NULL) < 0)
-            goto done;
-    }
-    if (out_obj != Py_None) {
-        if (check_out(out_obj, x) < 0)
-            goto done;
-        out = (PyArrayObject *)out_obj;
-    }
-    y = result_array(out, x, NULL);
-    mean = new_feature_array(&L, type_num);
-    rstd = new_feature_array(&L, type_num);
-    if (!y || !mean || !rstd)
+    RUN_WITHOUT_GIL(failed, (training && step_stats(&c) < 0) || step_rstd(&c, eps) < 0 ||
+                                step_normalize(&c) < 0);
+    if (failed)
         goto done;
-
-    npy_intp kept_strides[BN_MAXDIMS];
-    for (npy_intp i = 0; i < L.nkept; i++)
-        kept_strides[i] = PyArray_STRIDE(x, L.kept[i]);
-    int failed = 0;
-    Py_BEGIN_ALLOW_THREADS;
-    if (training) {
-        /* shift = each feature's first element: near the mean, so the one-pass sums stay exact */
-        bn_gather_first(L.nkept, L.fshape, kept_strides, PyArray_BYTES(x), K->itemsize, s.shift);
-        const bn_coefs sums = {.shift = s.shift, .acc = s.acc, .nfeat = L.nfeat};
-        failed = run_pass(&L, K->stats, &sums, 1, &x);
-        const double *sum0 = s.acc, *sum1 = s.acc + L.nfeat;
-        for (npy_intp f = 0; f < L.nfeat && !failed; f++) {
-            const double d = sum0[f] / (double)L.m;
-            const double var = sum1[f] / (double)L.m - d * d;
-            s.mean[f] = get(s.shift, f, type_num) + d;
-            s.var[f] = var < 0 ? 0 : var; /* rounding only; NaN stays NaN */
-        }
-    }
-    if (!failed) {
-        split_mean(&s, L.nfeat, type_num);
-        for (npy_intp f = 0; f < L.nfeat; f++) {
-            s.rstd[f] = 1.0 / sqrt(s.var[f] + eps);
-            put(s.scale, f, s.rstd[f] * s.gamma[f], type_num);
-            put(s.offset, f, s.beta[f], type_num);
-            put(PyArray_BYTES(mean), f, s.mean[f], type_num);
-            put(PyArray_BYTES(rstd), f, s.rstd[f], type_num);
-        }
-        const bn_coefs coefs = {.shift = s.shift, .center = s.center, .scale = s.scale,
-                                .offset = s.offset, .nfeat = L.nfeat};
-        PyArrayObject *ops[2] = {x, y};
-        failed = run_pass(&L, K->normalize, &coefs, 2, ops);
-    }
-    Py_END_ALLOW_THREADS;
-    if (failed) {
-        PyErr_NoMemory();
-        goto done;
-    }
-    if (finish_result(out, y) < 0)
+    mean = feature_array(&c, c.type_num, c.s.mean);
+    rstd = feature_array(&c, c.type_num, c.s.rstd);
+    PyObject *y = mean && rstd ? call_finish(&c) : NULL;
+    if (!y)
         goto done;
     if (training && ((rmean_obj != Py_None &&
-                      update_running(rmean_obj, s.mean, momentum, &L, s.acc) < 0) ||
+                      update_running(rmean_obj, c.s.mean, momentum, &c.L, c.s.acc) < 0) ||
                      (rvar_obj != Py_None &&
-                      update_running(rvar_obj, s.var, momentum, &L, s.acc) < 0)))
+                      update_running(rvar_obj, c.s.var, momentum, &c.L, c.s.acc) < 0)))
         goto done;
-    result = Py_BuildValue("OOO", out ? (PyObject *)out : (PyObject *)y, mean, rstd);
+    result = PyTuple_Pack(3, y, (PyObject *)mean, (PyObject *)rstd);
 done:
-    PyMem_Free(s.block);
-    Py_XDECREF(x);
-    Py_XDECREF(y);
     Py_XDECREF(mean);
     Py_XDECREF(rstd);
+    call_clear(&c);
     return result;
 }
 
-/* ---- backward ---- */
-
 static PyObject *bn_backward(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
 {
-    if (nargs != 8) {
-        PyErr_SetString(PyExc_TypeError, "_bnorm.backward takes 8 positional arguments");
+    if (check_nargs(nargs, 8, "backward") < 0)
         return NULL;
-    }
-    PyObject *dy_obj = args[0], *x_obj = args[1], *mean_obj = args[2], *rstd_obj = args[3];
-    PyObject *gamma_obj = args[4], *axis = args[5], *out_obj = args[7];
-    PyArrayObject *x = NULL, *dy = NULL, *out = NULL, *dx = NULL, *gamma = NULL;
-    PyArrayObject *dgamma = NULL, *dbeta = NULL;
+    call c = {0};
     PyObject *result = NULL;
-    scratch s = {0};
-    layout L;
-
+    PyArrayObject *gamma = NULL, *dgamma = NULL, *dbeta = NULL;
+    int failed;
     const int training = PyObject_IsTrue(args[6]);
     if (training < 0)
         return NULL;
-    x = as_data_array(x_obj, "x");
-    if (!x)
+    if (call_data(&c, args[1], args[0], args[5]) < 0 || (training && require_batch(&c) < 0) ||
+        per_feature(args[2], "mean", &c.L, 0, 0.0, c.s.mean, NULL) < 0 ||
+        per_feature(args[3], "rstd", &c.L, 0, 0.0, c.s.rstd, NULL) < 0 ||
+        per_feature(args[4], "gamma", &c.L, 0, 1.0, c.s.gamma, &gamma) < 0 ||
+        call_out(&c, args[7]) < 0)
         goto done;
-    dy = as_data_array(dy_obj, "dy");
-    if (!dy || parse_layout(axis, x, &L) < 0)
+    RUN_WITHOUT_GIL(failed, step_bwd_sums(&c, training) < 0 ||
+                                step_bwd_apply(&c, (double)c.L.m, training) < 0);
+    if (failed)
         goto done;
-    const int type_num = PyArray_TYPE(x);
-    const bn_dtype_kernels *K = kernels_for(type_num);
-    if (PyArray_NDIM(dy) != PyArray_NDIM(x) ||
-        !PyArray_CompareLists(PyArray_DIMS(dy), PyArray_DIMS(x), PyArray_NDIM(x))) {
-        shape_error(PyExc_ValueError, "dy", PyArray_NDIM(dy), PyArray_DIMS(dy),
-                    "but x has shape", PyArray_NDIM(x), PyArray_DIMS(x));
-        goto done;
-    }
-    if (PyArray_TYPE(dy) != type_num) {
-        /* the one copy bnorm makes: dy of the other float dtype, cast to x's */
-        PyArrayObject *cast =
-            (PyArrayObject *)PyArray_FromArray(dy, PyArray_DescrFromType(type_num), 0);
-        Py_SETREF(dy, cast);
-        if (!dy)
-            goto done;
-    }
-    if (training && L.m == 0) {
-        PyErr_SetString(PyExc_ValueError,
-                        "bnorm: no elements to reduce over (a batch axis has length 0)");
-        goto done;
-    }
-    if (scratch_alloc(&s, L.nfeat, K->itemsize) < 0 ||
-        per_feature(mean_obj, "mean", &L, 0, 0.0, s.mean, NULL) < 0 ||
-        per_feature(rstd_obj, "rstd", &L, 0, 0.0, s.rstd, NULL) < 0 ||
-        per_feature(gamma_obj, "gamma", &L, 0, 1.0, s.gamma, &gamma) < 0)
-        goto done;
-    if (out_obj != Py_None) {
-        if (check_out(out_obj, x) < 0)
-            goto done;
-        out = (PyArrayObject *)out_obj;
-    }
-    dx = result_array(out, x, dy);
-    dbeta = new_feature_array(&L, type_num);
-    dgamma = gamma ? (PyArrayObject *)PyArray_SimpleNew(PyArray_NDIM(gamma), PyArray_DIMS(gamma),
-                                                        type_num)
-                   : new_feature_array(&L, type_num);
-    if (!dx || !dbeta || !dgamma)
-        goto done;
-
-    /* acc holds, per feature: sum(dy), sum(dy * (x - shift)), sum(x - shift); then dgamma's
-     * per-feature values replace the second and its gamma-shaped sums go in the third. */
-    double *sum_dy = s.acc, *sum_dyv = s.acc + L.nfeat, *sum_v = s.acc + 2 * L.nfeat;
-    double *dgamma_f = sum_dyv, *dgamma_g = sum_v;
-    int failed = 0;
-    Py_BEGIN_ALLOW_THREADS;
-    split_mean(&s, L.nfeat, type_num);
-    const bn_coefs sums = {.shift = s.shift, .acc = s.acc, .nfeat = L.nfeat};
-    PyArrayObject *sum_ops[2] = {x, dy};
-    failed = run_pass(&L, K->bwd_sums, &sums, 2, sum_ops);
-    const double m = (double)L.m;
-    for (npy_intp f = 0; f < L.nfeat && !failed; f++) {
-        /* Training: mean is the batch mean, so the residual of x - shift is recomputed exactly
-         * from the data; inference: it is the passed mean's own low part. */
-        const double d = training ? sum_v[f] / m : s.mean[f] - get(s.shift, f, type_num);
-        const double r = s.rstd[f], a = s.gamma[f] * r;
-        dgamma_f[f] = r * (sum_dyv[f] - d * sum_dy[f]);
-        if (training) {
-            put(s.center, f, d, type_num);
-            put(s.scale, f, -a * r * dgamma_f[f] / m, type_num);
-            put(s.offset, f, -a * sum_dy[f] / m, type_num);
-            put(s.dyscale, f, a, type_num);
-        } else {
-            /* dx = a * dy, run as normalize over dy with zero shift and center */
-            put(s.shift, f, 0.0, type_num);
-            put(s.center, f, 0.0, type_num);
-            put(s.scale, f, a, type_num);
-            put(s.offset, f, 0.0, type_num);
-        }
-        put(PyArray_BYTES(dbeta), f, sum_dy[f], type_num);
-    }
-    if (!failed) {
-        const bn_coefs coefs = {.shift = s.shift, .center = s.center, .scale = s.scale,
-                                .offset = s.offset, .dyscale = s.dyscale, .nfeat = L.nfeat};
-        PyArrayObject *apply_ops[3] = {x, dy, dx}, *dy_ops[2] = {dy, dx};
-        failed = training ? run_pass(&L, K->bwd_apply, &coefs, 3, apply_ops)
-                          : run_pass(&L, K->normalize, &coefs, 2, dy_ops);
-    }
-    Py_END_ALLOW_THREADS;
-    if (failed) {
-        PyErr_NoMemory();
-        goto done;
-    }
-    if (gamma) {
-        /* sum dgamma over everything gamma was broadcast over, in feature order */
-        npy_intp *map = PyMem_Malloc(sizeof(npy_intp) * (size_t)(L.nfeat ? L.nfeat : 1));
-        if (!map) {
-            PyErr_NoMemory();
-            goto done;
-        }
-        broadcast_map(&L, PyArray_NDIM(gamma), PyArray_DIMS(gamma), map);
-        const npy_intp ng = PyArray_SIZE(gamma);
-        memset(dgamma_g, 0, sizeof(double) * (size_t)ng);
-        for (npy_intp f = 0; f < L.nfeat; f++)
-            dgamma_g[map[f]] += dgamma_f[f];
-        PyMem_Free(map);
-        for (npy_intp g = 0; g < ng; g++)
-            put(PyArray_BYTES(dgamma), g, dgamma_g[g], type_num);
-    } else {
-        for (npy_intp f = 0; f < L.nfeat; f++)
-            put(PyArray_BYTES(dgamma), f, dgamma_f[f], type_num);
-    }
-    if (finish_result(out, dx) < 0)
-        goto done;
-    result = Py_BuildValue("OOO", out ? (PyObject *)out : (PyObject *)dx, dgamma, dbeta);
+    /* dgamma = rstd * sum(dy * (x - mean)), dbeta = sum(dy) */
+    const npy_intp nf = c.L.nfeat;
+    double *dgamma_f = c.s.var; /* var is free in backward */
+    for (npy_intp f = 0; f < nf; f++)
+        dgamma_f[f] = c.s.rstd[f] * c.s.acc[nf + f];
+    dgamma = sum_to_param(&c, gamma, dgamma_f, c.s.acc + 2 * nf);
+    dbeta = feature_array(&c, c.type_num, c.s.acc);
+    PyObject *dx = dgamma && dbeta ? call_finish(&c) : NULL;
+    if (dx)
+        result = PyTuple_Pack(3, dx, (PyObject *)dgamma, (PyObject *)dbeta);
 done:
-    PyMem_Free(s.block);
-    Py_XDECREF(x);
-    Py_XDECREF(dy);
-    Py_XDECREF(dx);
     Py_XDECREF(gamma);
     Py_XDECREF(dgamma);
     Py_XDECREF(dbeta);
+    call_clear(&c);
+    return result;
+}
+
+/* ---- the split phases, for statistics over several workers ---- */
+
+/* batch_stats(x, axis) -> (count, mean, m2): float64 per feature, m2 = sum((x - mean)^2). */
+static PyObject *bn_batch_stats(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
+{
+    if (check_nargs(nargs, 2, "batch_stats") < 0)
+        return NULL;
+    call c = {0};
+    PyObject *result = NULL;
+    int failed = 0;
+    if (call_data(&c, args[0], NULL, args[1]) < 0)
+        goto done;
+    if (c.L.m > 0) {
+        RUN_WITHOUT_GIL(failed, step_stats(&c) < 0);
+        if (failed)
+            goto done;
+    }
+    for (npy_intp f = 0; f < c.L.nfeat; f++)
+        c.s.var[f] *= (double)c.L.m;
+    PyArrayObject *mean = feature_array(&c, NPY_DOUBLE, c.s.mean);
+    PyArrayObject *m2 = feature_array(&c, NPY_DOUBLE, c.s.var);
+    if (mean && m2)
+        result = Py_BuildValue("nOO", (Py_ssize_t)c.L.m, mean, m2);
+    Py_XDECREF(mean);
+    Py_XDECREF(m2);
+done:
+    call_clear(&c);
+    return result;
+}
+
+/* normalize(x, mean, rstd, gamma, beta, axis, out) -> y */
+static PyObject *bn_normalize(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
+{
+    if (check_nargs(nargs, 7, "normalize") < 0)
+        return NULL;
+    call c = {0};
+    PyObject *result = NULL;
+    int failed;
+    if (call_data(&c, args[0], NULL, args[5]) < 0 ||
+        per_feature(args[1], "mean", &c.L, 0, 0.0, c.s.mean, NULL) < 0 ||
+        per_feature(args[2], "rstd", &c.L, 0, 0.0, c.s.rstd, NULL) < 0 ||
+        per_feature(args[3], "gamma", &c.L, 0, 1.0, c.s.gamma, NULL) < 0 ||
+        per_feature(args[4], "beta", &c.L, 0, 0.0, c.s.beta, NULL) < 0 ||
+        call_out(&c, args[6]) < 0)
+        goto done;
+    RUN_WITHOUT_GIL(failed, step_normalize(&c) < 0);
+    if (!failed) {
+        result = call_finish(&c);
+        Py_XINCREF(result);
+    }
+done:
+    call_clear(&c);
+    return result;
+}
+
+/* backward_sums(dy, x, mean, axis) -> (sum_dy, sum_dy_xmu): float64 per feature. */
+static PyObject *bn_backward_sums(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
+{
+    if (check_nargs(nargs, 4, "backward_sums") < 0)
+        return NULL;
+    call c = {0};
+    PyObject *result = NULL;
+    int failed;
+    if (call_data(&c, args[1], args[0], args[3]) < 0 ||
+        per_feature(args[2], "mean", &c.L, 0, 0.0, c.s.mean, NULL) < 0)
+        goto done;
+    RUN_WITHOUT_GIL(failed, step_bwd_sums(&c, 0) < 0);
+    if (failed)
+        goto done;
+    PyArrayObject *sum_dy = feature_array(&c, NPY_DOUBLE, c.s.acc);
+    PyArrayObject *sum_dy_xmu = feature_array(&c, NPY_DOUBLE, c.s.acc + c.L.nfeat);
+    if (sum_dy && sum_dy_xmu)
+        result = PyTuple_Pack(2, (PyObject *)sum_dy, (PyObject *)sum_dy_xmu);
+    Py_XDECREF(sum_dy);
+    Py_XDECREF(sum_dy_xmu);
+done:
+    call_clear(&c);
+    return result;
+}
+
+/* backward_apply(dy, x, mean, rstd, gamma, sum_dy, sum_dy_xmu, count, axis, out) -> dx */
+static PyObject *bn_backward_apply(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
+{
+    if (check_nargs(nargs, 10, "backward_apply") < 0)
+        return NULL;
+    call c = {0};
+    PyObject *result = NULL;
+    int err = 0, failed;
+    const double count = as_double_arg(args[7], "count", &err);
+    if (err)
+        return NULL;
+    if (!(count > 0)) {
+        PyErr_Format(PyExc_ValueError, "bnorm: count must be > 0, got %R", args[7]);
+        return NULL;
+    }
+    if (call_data(&c, args[1], args[0], args[8]) < 0 ||
+        per_feature(args[2], "mean", &c.L, 0, 0.0, c.s.mean, NULL) < 0 ||
+        per_feature(args[3], "rstd", &c.L, 0, 0.0, c.s.rstd, NULL) < 0 ||
+        per_feature(args[4], "gamma", &c.L, 0, 1.0, c.s.gamma, NULL) < 0 ||
+        per_feature(args[5], "sum_dy", &c.L, 1, 0.0, c.s.acc, NULL) < 0 ||
+        per_feature(args[6], "sum_dy_xmu", &c.L, 1, 0.0, c.s.acc + c.L.nfeat, NULL) < 0 ||
+        call_out(&c, args[9]) < 0)
+        goto done;
+    RUN_WITHOUT_GIL(failed, step_bwd_apply_given(&c, count) < 0);
+    if (!failed) {
+        result = call_finish(&c);
+        Py_XINCREF(result);
+    }
+done:
+    call_clear(&c);
     return result;
 }
 
@@ -806,6 +976,14 @@ static PyMethodDef methods[] = {
      "forward(x, gamma, beta, axis, eps, training, running_mean, running_var, momentum, out)"},
     {"backward", (PyCFunction)(void (*)(void))bn_backward, METH_FASTCALL,
      "backward(dy, x, mean, rstd, gamma, axis, training, out)"},
+    {"batch_stats", (PyCFunction)(void (*)(void))bn_batch_stats, METH_FASTCALL,
+     "batch_stats(x, axis) -> (count, mean, m2)"},
+    {"normalize", (PyCFunction)(void (*)(void))bn_normalize, METH_FASTCALL,
+     "normalize(x, mean, rstd, gamma, beta, axis, out) -> y"},
+    {"backward_sums", (PyCFunction)(void (*)(void))bn_backward_sums, METH_FASTCALL,
+     "backward_sums(dy, x, mean, axis) -> (sum_dy, sum_dy_xmu)"},
+    {"backward_apply", (PyCFunction)(void (*)(void))bn_backward_apply, METH_FASTCALL,
+     "backward_apply(dy, x, mean, rstd, gamma, sum_dy, sum_dy_xmu, count, axis, out) -> dx"},
     {"get_num_threads", bn_py_get_num_threads, METH_NOARGS,
      "get_num_threads() -> int: threads the kernels use."},
     {"set_num_threads", bn_py_set_num_threads, METH_O,

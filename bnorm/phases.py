@@ -1,0 +1,89 @@
+"""Batch norm in phases, for statistics and gradients reduced across several workers.
+
+``bnorm.forward`` and ``bnorm.backward`` are these phases run back to back on one worker (the same
+C steps).  Across workers (MPI ranks, processes, devices), run the local phase, reduce its small
+per-feature result, and run the elementwise phase with the global numbers::
+
+    n, mean, m2 = bnorm.batch_stats(x, axis=axis)              # local, C
+    n, mean, m2 = bnorm.combine_stats(all_n, all_mean, all_m2)  # exact merge (Chan et al.)
+    rstd = 1 / np.sqrt(m2 / n + eps)
+    y = bnorm.normalize(x, mean, rstd, gamma, beta, axis=axis)
+
+    sum_dy, sum_dy_xmu = bnorm.backward_sums(dy, x, mean, axis=axis)   # local, C
+    # ... sum both over all workers ...
+    dx = bnorm.backward_apply(dy, x, mean, rstd, sum_dy, sum_dy_xmu, n, gamma, axis=axis)
+    dgamma, dbeta = rstd * sum_dy_xmu, sum_dy
+
+Statistics are float64 whatever the data's dtype, so combining them loses nothing; a worker may
+hold any number of rows, zero included.
+"""
+import numpy as np
+
+from . import _bnorm
+
+__all__ = ["batch_stats", "combine_stats", "normalize", "backward_sums", "backward_apply"]
+
+
+def batch_stats(x, *, axis=-1):
+    """Local statistics of ``x`` per feature: ``(count, mean, m2)``.
+
+    ``count`` is the number of elements reduced per feature (an int, 0 for an empty batch),
+    ``mean`` and ``m2 = sum((x - mean)**2)`` are float64 arrays of the feature shape (zeros when
+    count is 0).  Computed in one pass with float64 sums of shifted data: exact for float32 data
+    far from zero.
+    """
+    return _bnorm.batch_stats(x, axis)
+
+
+def combine_stats(counts, means, m2s):
+    """Merge per-worker ``(count, mean, m2)`` into the statistics of the union, exactly.
+
+    ``counts`` has one entry per worker; ``means`` and ``m2s`` stack the workers' float arrays along
+    a new first axis.  Workers with count 0 contribute nothing.  Uses Chan, Golub and LeVeque's
+    pairwise update, weighted by counts, in worker order (deterministic).  Returns
+    ``(count, mean, m2)`` with float64 arrays.
+    """
+    counts = np.asarray(counts, dtype=np.int64)
+    means = np.asarray(means, dtype=np.float64)
+    m2s = np.asarray(m2s, dtype=np.float64)
+    if counts.ndim != 1 or means.shape[:1] != counts.shape or m2s.shape != means.shape:
+        raise ValueError(f"bnorm: combine_stats needs counts of shape (k,) and means, m2s of "
+                         f"shape (k, *F); got {counts.shape}, {means.shape}, {m2s.shape}")
+    if (counts < 0).any():
+        raise ValueError("bnorm: counts must be >= 0")
+    n = 0
+    mean = np.zeros(means.shape[1:])
+    m2 = np.zeros(means.shape[1:])
+    for n_b, mean_b, m2_b in zip(counts.tolist(), means, m2s):
+        if n_b == 0:
+            continue
+        total = n + n_b
+        delta = mean_b - mean
+        mean = mean + delta * (n_b / total)
+        m2 = m2 + m2_b + delta * delta * (n * n_b / total)
+        n = total
+    return n, mean, m2
+
+
+def normalize(x, mean, rstd, gamma=None, beta=None, *, axis=-1, out=None):
+    """``y = (x - mean) * rstd * gamma + beta`` with given per-feature ``mean`` and ``rstd``.
+
+    ``mean`` may be float64 even for float32 ``x``: its low bits are kept (``x - mean`` is formed
+    as ``(x - round(mean)) - residual``).  ``out`` as in ``bnorm.forward``.
+    """
+    return _bnorm.normalize(x, mean, rstd, gamma, beta, axis, out)
+
+
+def backward_sums(dy, x, mean, *, axis=-1):
+    """Local gradient sums per feature, float64: ``(sum(dy), sum(dy * (x - mean)))``.
+
+    ``mean`` is used as given (pass the global mean of a split batch)."""
+    return _bnorm.backward_sums(dy, x, mean, axis)
+
+
+def backward_apply(dy, x, mean, rstd, sum_dy, sum_dy_xmu, count, gamma=None, *, axis=-1,
+                   out=None):
+    """``dx`` of a training-mode batch norm from sums over the whole batch of ``count`` elements
+    per feature: ``dx = gamma * rstd * (dy - sum_dy / count - xhat * rstd * sum_dy_xmu / count)``
+    with ``xhat = (x - mean) * rstd``.  ``out`` as in ``bnorm.backward``."""
+    return _bnorm.backward_apply(dy, x, mean, rstd, gamma, sum_dy, sum_dy_xmu, count, axis, out)
