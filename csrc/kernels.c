@@ -2,6 +2,7 @@
  * kernels_impl.h. */
 #include "kernels.h"
 
+#include <pthread.h>
 #include <stdlib.h>
 #include <string.h>
 #ifdef _OPENMP
@@ -35,9 +36,24 @@
 
 static npy_intp num_threads = 1;
 
+/* GNU OpenMP's thread pool does not survive fork(): a child that enters a parallel region after
+ * its parent used the pool hangs.  Such a child runs the kernels on one thread. */
+static int pool_started, pool_lost_in_fork;
+
+static void after_fork_in_child(void)
+{
+    if (__atomic_load_n(&pool_started, __ATOMIC_RELAXED))
+        pool_lost_in_fork = 1;
+}
+
+int bn_threads_init(void)
+{
+    return pthread_atfork(NULL, NULL, after_fork_in_child);
+}
+
 npy_intp bn_get_num_threads(void)
 {
-    return __atomic_load_n(&num_threads, __ATOMIC_RELAXED);
+    return pool_lost_in_fork ? 1 : __atomic_load_n(&num_threads, __ATOMIC_RELAXED);
 }
 
 void bn_set_num_threads(npy_intp n)
@@ -247,6 +263,8 @@ int bn_run(const bn_plan *p, bn_kernel kernel, const bn_coefs *c)
     npy_intp threads = bn_get_num_threads();
     if (threads > s.count)
         threads = s.count;
+    if (threads > 1)
+        __atomic_store_n(&pool_started, 1, __ATOMIC_RELAXED);
     const npy_intp length = p->shape[s.dim], base = length / s.count, extra = length % s.count;
 #ifdef _OPENMP
 #pragma omp parallel for schedule(static) num_threads((int)threads) if (threads > 1)

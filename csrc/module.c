@@ -955,6 +955,10 @@ static npy_intp default_num_threads(void)
 /* BNORM_NUM_THREADS, else OpenMP's default (OMP_NUM_THREADS or the CPUs this process may use). */
 static int init_num_threads(void)
 {
+    if (bn_threads_init() != 0) {
+        PyErr_SetString(PyExc_RuntimeError, "bnorm: could not register a fork handler");
+        return -1;
+    }
     npy_intp n = default_num_threads();
     const char *env = getenv("BNORM_NUM_THREADS");
     if (env && *env) {
