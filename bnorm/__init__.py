@@ -5,9 +5,12 @@ negative and zero strides) without copying them; float32 and float64.  See ``for
 ``backward`` and ``BatchNorm``; ``bnorm.reference`` is the blog post's NumPy code.
 """
 from . import _bnorm, reference
+from .phases import backward_apply, backward_sums, batch_stats, combine_stats, normalize
 
 __version__ = "0.1.0"
-__all__ = ["forward", "backward", "get_num_threads", "set_num_threads", "reference", "__version__"]
+__all__ = ["forward", "backward", "BatchNorm", "get_num_threads", "set_num_threads", "reference",
+           "batch_stats", "combine_stats", "normalize", "backward_sums", "backward_apply",
+           "__version__"]
 
 
 def forward(x, gamma=None, beta=None, *, axis=-1, eps=1e-8, training=True,
@@ -64,3 +67,6 @@ def backward(dy, x, mean, rstd, gamma=None, *, axis=-1, training=True, out=None)
 
 get_num_threads = _bnorm.get_num_threads
 set_num_threads = _bnorm.set_num_threads
+
+# Last: the layer calls the wrappers above.
+from .layer import BatchNorm  # noqa: E402

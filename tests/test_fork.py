@@ -20,15 +20,17 @@ def _child_forward(_):
 
 
 def test_forked_children_compute_the_same_bits_without_hanging():
+    before = bnorm.get_num_threads()
     bnorm.set_num_threads(2)
     try:
         expected = bnorm.forward(X)  # large enough to start the thread pool in the parent
         with multiprocessing.get_context("fork").Pool(2) as pool:
             results = pool.map_async(_child_forward, range(4)).get(timeout=60)
+        parent_threads = bnorm.get_num_threads()
     finally:
-        bnorm.set_num_threads(bnorm.get_num_threads())
+        bnorm.set_num_threads(before)
+    assert parent_threads == 2  # the parent keeps its threads
     for threads, *got in results:
         assert threads == 1
         for g, e in zip(got, expected):
             np.testing.assert_array_equal(g, e)
-    assert bnorm.get_num_threads() == 2  # the parent keeps its threads
