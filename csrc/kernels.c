@@ -248,6 +248,19 @@ static void run_piece(const bn_plan *p, bn_kernel kernel, const bn_coefs *c, npy
     }
 }
 
+/* Piece i of s.count along s.dim, summing into its own partial sums when it has them. */
+static void run_numbered_piece(const bn_plan *p, bn_kernel kernel, const bn_coefs *c, bn_split s,
+                               double *partial, npy_intp i)
+{
+    const npy_intp length = p->shape[s.dim], base = length / s.count, extra = length % s.count;
+    const npy_intp lo = i * base + (i < extra ? i : extra);
+    const npy_intp hi = lo + base + (i < extra ? 1 : 0);
+    bn_coefs mine = *c;
+    if (partial)
+        mine.acc = partial + i * BN_NACC * c->nfeat;
+    run_piece(p, kernel, &mine, s.dim, lo, hi);
+}
+
 int bn_run(const bn_plan *p, bn_kernel kernel, const bn_coefs *c)
 {
     if (p->size == 0)
@@ -265,17 +278,16 @@ int bn_run(const bn_plan *p, bn_kernel kernel, const bn_coefs *c)
         threads = s.count;
     if (threads > 1)
         __atomic_store_n(&pool_started, 1, __ATOMIC_RELAXED);
-    const npy_intp length = p->shape[s.dim], base = length / s.count, extra = length % s.count;
+    if (threads == 1) {
+        /* no parallel region at all: entering one costs more than a small array's work */
+        for (npy_intp i = 0; i < s.count; i++)
+            run_numbered_piece(p, kernel, c, s, partial, i);
+    } else {
 #ifdef _OPENMP
-#pragma omp parallel for schedule(static) num_threads((int)threads) if (threads > 1)
+#pragma omp parallel for schedule(static) num_threads((int)threads)
 #endif
-    for (npy_intp i = 0; i < s.count; i++) {
-        bn_coefs mine = *c;
-        if (partial)
-            mine.acc = partial + i * accsize;
-        const npy_intp lo = i * base + (i < extra ? i : extra);
-        const npy_intp hi = lo + base + (i < extra ? 1 : 0);
-        run_piece(p, kernel, &mine, s.dim, lo, hi);
+        for (npy_intp i = 0; i < s.count; i++)
+            run_numbered_piece(p, kernel, c, s, partial, i);
     }
     if (partial) {
         for (npy_intp i = 0; i < s.count; i++)

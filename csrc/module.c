@@ -228,6 +228,9 @@ static int has_feature_shape(const layout *L, PyArrayObject *arr)
     return 1;
 }
 
+static double get(const char *src, npy_intp f, int type_num);
+static int gather_broadcast(const layout *L, PyArrayObject *arr, double *dst);
+
 /* Fill dst[0..nfeat) with obj broadcast to F (exact: obj must have shape F), or with dflt when obj
  * is None.  If shape_of is given it receives the parameter array (for dgamma's shape). */
 static int per_feature(PyObject *obj, const char *name, const layout *L, int exact, double dflt,
@@ -248,12 +251,30 @@ static int per_feature(PyObject *obj, const char *name, const layout *L, int exa
         Py_DECREF(arr);
         return -1;
     }
+    if (has_feature_shape(L, arr) && PyArray_IS_C_CONTIGUOUS(arr) && PyArray_ISALIGNED(arr) &&
+        PyArray_ISNOTSWAPPED(arr) && is_supported_float(PyArray_TYPE(arr))) {
+        /* the common case, read as it is: an F-shaped float32/float64 vector */
+        for (npy_intp f = 0; f < L->nfeat; f++)
+            dst[f] = get(PyArray_BYTES(arr), f, PyArray_TYPE(arr));
+    } else if (gather_broadcast(L, arr, dst) < 0) {
+        Py_DECREF(arr);
+        return -1;
+    }
+    if (shape_of)
+        *shape_of = arr;
+    else
+        Py_DECREF(arr);
+    return 0;
+}
+
+/* dst = arr broadcast to F, converted to float64. */
+static int gather_broadcast(const layout *L, PyArrayObject *arr, double *dst)
+{
     PyArrayObject *dbl = (PyArrayObject *)PyArray_FromArray(
         arr, PyArray_DescrFromType(NPY_DOUBLE), NPY_ARRAY_C_CONTIGUOUS | NPY_ARRAY_ALIGNED);
     npy_intp *map = PyMem_Malloc(sizeof(npy_intp) * (size_t)(L->nfeat ? L->nfeat : 1));
     if (!dbl || !map) {
         Py_XDECREF(dbl);
-        Py_DECREF(arr);
         PyMem_Free(map);
         if (!PyErr_Occurred())
             PyErr_NoMemory();
@@ -265,10 +286,6 @@ static int per_feature(PyObject *obj, const char *name, const layout *L, int exa
         dst[f] = src[map[f]];
     PyMem_Free(map);
     Py_DECREF(dbl);
-    if (shape_of)
-        *shape_of = arr;
-    else
-        Py_DECREF(arr);
     return 0;
 }
 
