@@ -1,0 +1,230 @@
+"""``BatchNorm``: a stateful batch-norm layer over ``bnorm.forward`` / ``bnorm.backward``.
+
+A drop-in for the blog post's NumPy layer (``bnorm.reference.PostBatchNorm``): same math, same
+defaults (eps 1e-8, momentum 0.9 as the weight of the old running value, biased running variance,
+channels-last), but the layer owns its parameters and the work is done by the C kernels.
+"""
+import numbers
+import operator
+
+import numpy as np
+
+try:
+    from numpy.lib.array_utils import normalize_axis_tuple
+except ImportError:  # NumPy < 2.0
+    from numpy.core.numeric import normalize_axis_tuple
+
+from . import backward as _backward, forward as _forward
+
+__all__ = ["BatchNorm"]
+
+_PARAMS = ("gamma", "beta")
+_BUFFERS = ("running_mean", "running_var")
+
+
+class BatchNorm:
+    """Batch normalization layer with learnable ``gamma``/``beta`` and running statistics.
+
+    Parameters
+    ----------
+    num_features : int or tuple of ints
+        The feature shape ``F``: the lengths of the kept axes ``axis``, in increasing axis order
+        (as ``bnorm.forward`` defines ``F``).  An int ``n`` means ``(n,)``.
+    axis : int or tuple of ints, keyword-only, default -1
+        The feature axes that are kept; every other axis is reduced over.  ``-1`` is channels-last
+        (``(n, f)`` design matrices, NHWC), ``1`` is NCHW.  Must name ``len(F)`` axes.
+    eps : float, default 1e-8
+        Added to the variance: ``rstd = 1 / sqrt(var + eps)``.
+    momentum : float in [0, 1], default 0.9
+        Weight of the *old* running value: ``r = momentum * r + (1 - momentum) * batch_stat``
+        (the post's and Keras's convention; PyTorch's ``momentum=m`` is ours ``1 - m``).
+    affine : bool, default True
+        With ``affine=False`` there is no ``gamma``/``beta`` (they, ``dgamma`` and ``dbeta`` are
+        ``None``) and the layer only normalizes.
+    dtype : float32 or float64, default float32
+        dtype of the parameters and running statistics.
+
+    Attributes
+    ----------
+    gamma, beta : ndarray of shape ``F`` (ones, zeros), or None when ``affine=False``.
+        Plain arrays: update them in place (``layer.gamma -= lr * layer.dgamma``) or replace them.
+    running_mean, running_var : ndarray of shape ``F`` (zeros, ones).
+        Updated *in place* by every training forward, so references to them stay valid.
+    dgamma, dbeta : ndarray of shape ``F`` and the layer's dtype, set by ``backward``
+        (None before the first backward, and always None when ``affine=False``).
+
+    Notes
+    -----
+    ``forward`` keeps a reference to ``x`` (no copy) plus the batch's ``mean`` and ``rstd`` (shape
+    ``F``); nothing else of ``x``'s size is stored.  Do not modify ``x`` in place between
+    ``forward`` and ``backward``.  ``y`` and ``dx`` have ``x``'s dtype (as ``bnorm.forward``),
+    so a float64 ``x`` through a float32 layer gives float64 outputs.
+    """
+
+    def __init__(self, num_features, *, axis=-1, eps=1e-8, momentum=0.9, affine=True,
+                 dtype=np.float32):
+        self.num_features = _feature_shape(num_features)
+        self.axis = _axis_spec(axis)
+        naxes = 1 if isinstance(self.axis, int) else len(self.axis)
+        if naxes != len(self.num_features):
+            raise ValueError(
+                f"axis={self.axis!r} names {naxes} feature axes but num_features="
+                f"{self.num_features} has {len(self.num_features)} dimensions")
+        self.eps = float(eps)
+        if not self.eps >= 0.0:
+            raise ValueError(f"eps must be >= 0, got {eps!r}")
+        self.momentum = float(momentum)
+        if not 0.0 <= self.momentum <= 1.0:
+            raise ValueError(f"momentum must be in [0, 1], got {momentum!r}")
+        self.affine = bool(affine)
+        self.dtype = np.dtype(dtype)
+        if self.dtype not in (np.dtype(np.float32), np.dtype(np.float64)):
+            raise TypeError(f"dtype must be float32 or float64, got {self.dtype}")
+
+        F = self.num_features
+        self.gamma = np.ones(F, self.dtype) if self.affine else None
+        self.beta = np.zeros(F, self.dtype) if self.affine else None
+        self.running_mean = np.zeros(F, self.dtype)
+        self.running_var = np.ones(F, self.dtype)
+        self.dgamma = None
+        self.dbeta = None
+        self._saved = None  # (x, mean, rstd, gamma, training) of the last forward
+
+    # ------------------------------------------------------------------ forward / backward
+    def forward(self, x, training=True):
+        """Normalize ``x`` (shape ``S``, feature shape ``F`` at ``axis``); returns ``y``.
+
+        training=True uses the batch statistics and updates ``running_mean``/``running_var`` in
+        place; training=False uses the running statistics and updates nothing.
+        """
+        if not isinstance(x, np.ndarray):
+            x = np.asarray(x)
+        self._check_features(x)
+        gamma, beta = self.gamma, self.beta
+        y, mean, rstd = _forward(x, gamma, beta, axis=self.axis, eps=self.eps,
+                                 training=bool(training), running_mean=self.running_mean,
+                                 running_var=self.running_var, momentum=self.momentum)
+        # gamma is saved by reference too: backward needs the gamma this forward used.  An optimizer
+        # updating gamma in place before backward would change it (as in the post's layer).
+        self._saved = (x, mean, rstd, gamma, bool(training))
+        return y
+
+    __call__ = forward
+
+    def backward(self, dy):
+        """Gradient w.r.t. the last ``forward``'s ``x``; sets ``self.dgamma`` and ``self.dbeta``.
+
+        After a training forward the batch statistics' dependence on ``x`` is included; after an
+        inference forward (constant statistics) ``dx = gamma * rstd * dy``.
+        """
+        if self._saved is None:
+            raise RuntimeError("BatchNorm.backward called before forward: there is no saved input")
+        x, mean, rstd, gamma, training = self._saved
+        if not isinstance(dy, np.ndarray):
+            dy = np.asarray(dy)
+        if dy.shape != x.shape:
+            raise ValueError(f"dy has shape {dy.shape} but the last forward's x has shape "
+                             f"{x.shape}")
+        dx, dgamma, dbeta = _backward(dy, x, mean, rstd, gamma, axis=self.axis, training=training)
+        if self.affine:
+            self.dgamma = dgamma.astype(self.dtype, copy=False)
+            self.dbeta = dbeta.astype(self.dtype, copy=False)
+        else:
+            self.dgamma = self.dbeta = None
+        return dx
+
+    # ------------------------------------------------------------------ state
+    def state_dict(self):
+        """Copies of the layer's arrays: ``gamma``, ``beta`` (only when ``affine``),
+        ``running_mean``, ``running_var``.
+
+        Plain ndarrays, so ``np.savez(f, **layer.state_dict())`` and
+        ``layer.load_state_dict(np.load(f))`` round-trip.  The configuration (axis, eps, momentum)
+        is not state: it is the constructor's arguments, shown by ``repr(layer)``.
+        """
+        names = (_PARAMS if self.affine else ()) + _BUFFERS
+        return {k: getattr(self, k).copy() for k in names}
+
+    def load_state_dict(self, state, strict=True):
+        """Copy ``state`` (a mapping such as ``state_dict()``'s or an ``np.load`` result) into the
+        layer's existing arrays (their identity is kept; values are cast to the layer's dtype).
+
+        Every entry is validated before anything is written: a missing entry, a shape other than
+        ``F`` or, with ``strict``, an unexpected key raise ``ValueError``; a non-numeric entry raises
+        ``TypeError``.  On error the layer is unchanged.
+        """
+        names = (_PARAMS if self.affine else ()) + _BUFFERS
+        keys = set(state.keys())
+        missing = [k for k in names if k not in keys]
+        if missing:
+            raise ValueError(f"state dict is missing {missing}")
+        if strict:
+            unexpected = sorted(keys - set(names))
+            if unexpected:
+                extra = " (the layer has affine=False)" if not self.affine and (
+                    set(unexpected) & set(_PARAMS)) else ""
+                raise ValueError(f"unexpected keys in state dict: {unexpected}{extra}")
+        values = {}
+        for k in names:
+            v = np.asarray(state[k])
+            if v.dtype.kind not in "biuf":
+                raise TypeError(f"state dict entry {k!r} has dtype {v.dtype}, expected a float "
+                                f"array")
+            if v.shape != self.num_features:
+                raise ValueError(f"state dict entry {k!r} has shape {v.shape}, expected the "
+                                 f"feature shape {self.num_features}")
+            values[k] = v
+        for k, v in values.items():
+            target = getattr(self, k)
+            if not target.flags.writeable:   # a user replaced it by a read-only array
+                setattr(self, k, v.astype(self.dtype, copy=True))
+            else:
+                np.copyto(target, v, casting="unsafe")
+
+    # ------------------------------------------------------------------ helpers
+    def _check_features(self, x):
+        # AxisError for an axis out of range (or 0-d x), ValueError for a repeated axis.
+        axes = normalize_axis_tuple(self.axis, x.ndim)
+        fshape = tuple(x.shape[a] for a in sorted(axes))
+        if fshape != self.num_features:
+            raise ValueError(f"x of shape {x.shape} has feature shape {fshape} at axis="
+                             f"{self.axis!r}, but the layer has num_features="
+                             f"{self.num_features}")
+
+    def __repr__(self):
+        nf = self.num_features[0] if len(self.num_features) == 1 else self.num_features
+        return (f"BatchNorm({nf!r}, axis={self.axis!r}, eps={self.eps!r}, "
+                f"momentum={self.momentum!r}, affine={self.affine!r}, "
+                f"dtype={self.dtype.name})")
+
+
+def _feature_shape(num_features):
+    if isinstance(num_features, (bool, np.bool_)):
+        raise TypeError("num_features must be an int or a tuple of ints, got a bool")
+    if isinstance(num_features, numbers.Integral):
+        shape = (operator.index(num_features),)
+    else:
+        try:
+            shape = tuple(operator.index(n) for n in num_features)
+        except TypeError:
+            raise TypeError(f"num_features must be an int or a tuple of ints, got "
+                            f"{num_features!r}") from None
+    if not shape or any(n < 1 for n in shape):
+        raise ValueError(f"num_features must be a non-empty shape of positive sizes, got "
+                         f"{num_features!r}")
+    return shape
+
+
+def _axis_spec(axis):
+    if isinstance(axis, (bool, np.bool_)):
+        raise TypeError("axis must be an int or a tuple of ints, got a bool")
+    if isinstance(axis, numbers.Integral):
+        return operator.index(axis)
+    try:
+        axes = tuple(operator.index(a) for a in axis)
+    except TypeError:
+        raise TypeError(f"axis must be an int or a tuple of ints, got {axis!r}") from None
+    if len(set(axes)) != len(axes):
+        # The same axis named twice (as written; -1 vs ndim-1 is caught at forward).
+        raise ValueError(f"repeated axis in axis={axis!r}")
+    return axes
