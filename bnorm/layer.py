@@ -150,8 +150,8 @@ class BatchNorm:
         layer's existing arrays (their identity is kept; values are cast to the layer's dtype).
 
         Every entry is validated before anything is written: a missing entry, a shape other than
-        ``F`` or, with ``strict``, an unexpected key raise ``ValueError``; a non-numeric entry raises
-        ``TypeError``.  On error the layer is unchanged.
+        ``F`` or, with ``strict``, an unexpected key raise ``ValueError``; a non-numeric entry
+        raises ``TypeError``.  On error the layer is unchanged.
         """
         names = (_PARAMS if self.affine else ()) + _BUFFERS
         keys = set(state.keys())
