@@ -1,8 +1,12 @@
 """Builds the C extension bnorm._bnorm; everything else is in pyproject.toml.
 
 Environment knobs (for developers, not users):
-  BNORM_SANITIZE=1   compile with AddressSanitizer + UndefinedBehaviorSanitizer (see tests/README)
-  BNORM_NO_OPENMP=1  build without OpenMP (single-threaded kernels)
+  BNORM_SANITIZE=1   compile with AddressSanitizer + UndefinedBehaviorSanitizer (see .ci/sanitize,
+                     which builds and tests it in its own venv; importing it needs libasan in
+                     LD_PRELOAD).  Such builds go to build/sanitize/, not build/: setuptools skips
+                     an extension whose file in the build directory is newer than its sources, so
+                     a shared directory would hand a sanitized build to a later plain
+                     `pip install .`, or the plain one to a sanitized build.
 """
 import os
 
@@ -10,7 +14,6 @@ import numpy
 from setuptools import Extension, setup
 
 sanitize = os.environ.get("BNORM_SANITIZE") == "1"
-openmp = os.environ.get("BNORM_NO_OPENMP") != "1"
 
 compile_args = ["-std=c11", "-Wall", "-Wextra", "-Wno-unused-parameter", "-Wno-missing-field-initializers"]
 link_args = []
@@ -21,11 +24,12 @@ if sanitize:
 else:
     # -O3 lets GCC vectorize the kernels' inner loops; no -ffast-math: the summation order is ours.
     compile_args += ["-O3", "-ffp-contract=fast"]
-if openmp:
-    compile_args.append("-fopenmp")
-    link_args.append("-fopenmp")
+# The kernels' thread pool (csrc/kernels.c) is plain pthreads.
+compile_args.append("-pthread")
+link_args.append("-pthread")
 
 setup(
+    options={"build": {"build_base": os.path.join("build", "sanitize")}} if sanitize else {},
     ext_modules=[
         Extension(
             "bnorm._bnorm",

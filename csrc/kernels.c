@@ -1,13 +1,15 @@
 /* The iteration scheme (plans, pieces, threads) and the per-dtype kernels generated from
  * kernels_impl.h. */
+#define _GNU_SOURCE /* sched_getaffinity, CPU_COUNT */
 #include "kernels.h"
 
 #include <pthread.h>
+#include <sched.h>
 #include <stdlib.h>
+#include <stdint.h>
 #include <string.h>
-#ifdef _OPENMP
-#include <omp.h>
-#endif
+#include <time.h>
+#include <unistd.h>
 
 #define BN_INLINE inline __attribute__((always_inline))
 #define BN_LANES 16
@@ -34,26 +36,183 @@
 
 /* ---- threads ---- */
 
+/* A pool of our own rather than OpenMP: GNU OpenMP's idle workers spin, and in a NumPy training
+ * loop that spinning takes the cores OpenBLAS needs for the next matmul (bnorm's layer was slower
+ * than NumPy's in examples/digits_mlp.py).  These workers sleep between jobs.  The caller works on
+ * the job itself and takes pieces from a shared counter, so a worker that wakes late finds the job
+ * done and costs nothing; a small job never waits for a thread to start. */
+
+typedef struct bn_job bn_job;
+typedef void (*bn_piece_fn)(const bn_job *job, npy_intp piece);
+
+struct bn_job {
+    bn_piece_fn run;
+    npy_intp count;      /* pieces */
+    npy_intp next;       /* the next piece to take (atomic) */
+    npy_intp helpers;    /* workers still wanted (under pool_lock) */
+};
+
 static npy_intp num_threads = 1;
 
-/* GNU OpenMP's thread pool does not survive fork(): a child that enters a parallel region after
- * its parent used the pool hangs.  Such a child runs the kernels on one thread. */
-static int pool_started, pool_lost_in_fork;
+static pthread_mutex_t job_lock = PTHREAD_MUTEX_INITIALIZER; /* one job on the pool at a time */
+static pthread_mutex_t pool_lock = PTHREAD_MUTEX_INITIALIZER;
+static pthread_cond_t pool_wake = PTHREAD_COND_INITIALIZER; /* a job was posted */
+static pthread_cond_t pool_idle = PTHREAD_COND_INITIALIZER; /* the last helper left a job */
+/* Written under pool_lock; the two counters are also read outside it, atomically, to spin. */
+static bn_job *pool_job;      /* the posted job, NULL once its caller has finished its share */
+static npy_intp pool_posted;  /* jobs posted so far: a worker's wake-up condition */
+static npy_intp pool_workers; /* workers started */
+static npy_intp pool_busy;    /* workers inside the posted job */
+
+/* Before sleeping on a condition, spin this long for it: the passes of one forward or backward
+ * come microseconds apart and a sleeping thread takes longer than that to wake.  Short enough
+ * not to keep a core from BLAS's threads between a network's layers. */
+#define BN_SPIN_NS 20000
+
+static npy_intp now_ns(void)
+{
+    struct timespec t;
+    clock_gettime(CLOCK_MONOTONIC, &t);
+    return (npy_intp)t.tv_sec * 1000000000 + t.tv_nsec;
+}
+
+/* Spin while (*counter == value) == equal, for at most BN_SPIN_NS (call without pool_lock). */
+static void spin_while(const npy_intp *counter, int equal, npy_intp value)
+{
+    const npy_intp deadline = now_ns() + BN_SPIN_NS;
+    for (npy_intp i = 1; (__atomic_load_n(counter, __ATOMIC_ACQUIRE) == value) == equal; i++) {
+#if defined(__x86_64__) || defined(__i386__)
+        __builtin_ia32_pause();
+#endif
+        if (i % 64 == 0 && now_ns() > deadline)
+            return;
+    }
+}
+
+static void take_pieces(bn_job *job)
+{
+    npy_intp i;
+    while ((i = __atomic_fetch_add(&job->next, 1, __ATOMIC_RELAXED)) < job->count)
+        job->run(job, i);
+}
+
+/* arg: pool_posted when the worker was started, so that it takes the job being posted. */
+static void *worker_main(void *arg)
+{
+    npy_intp seen = (npy_intp)(intptr_t)arg;
+    for (;;) {
+        spin_while(&pool_posted, 1, seen);
+        pthread_mutex_lock(&pool_lock);
+        while (pool_posted == seen)
+            pthread_cond_wait(&pool_wake, &pool_lock);
+        seen = pool_posted;
+        bn_job *job = pool_job;
+        if (job && job->helpers > 0) {
+            job->helpers--;
+            __atomic_store_n(&pool_busy, pool_busy + 1, __ATOMIC_RELEASE);
+            pthread_mutex_unlock(&pool_lock);
+            take_pieces(job);
+            pthread_mutex_lock(&pool_lock);
+            __atomic_store_n(&pool_busy, pool_busy - 1, __ATOMIC_RELEASE);
+            if (pool_busy == 0)
+                pthread_cond_signal(&pool_idle);
+        }
+        pthread_mutex_unlock(&pool_lock);
+    }
+    return NULL;
+}
+
+/* Start workers until there are `want` (under pool_lock); returns how many there are. */
+static npy_intp start_workers(npy_intp want)
+{
+    while (pool_workers < want) {
+        pthread_t thread;
+        pthread_attr_t attr;
+        if (pthread_attr_init(&attr) != 0)
+            break;
+        int failed = pthread_attr_setdetachstate(&attr, PTHREAD_CREATE_DETACHED) != 0 ||
+                     pthread_create(&thread, &attr, worker_main, (void *)(intptr_t)pool_posted) != 0;
+        pthread_attr_destroy(&attr);
+        if (failed)
+            break; /* fewer threads is slower, never wrong */
+        pool_workers++;
+    }
+    return pool_workers < want ? pool_workers : want;
+}
+
+/* Run job->run on every piece, with up to `threads` threads including the caller's. */
+static void run_job(bn_job *job, npy_intp threads)
+{
+    /* Another caller has the pool (Python threads calling bnorm at once): the cores are busy
+     * anyway, this caller does its job alone. */
+    if (threads < 2 || pthread_mutex_trylock(&job_lock) != 0) {
+        take_pieces(job);
+        return;
+    }
+    pthread_mutex_lock(&pool_lock);
+    job->helpers = start_workers(threads - 1);
+    if (job->helpers > 0) {
+        pool_job = job;
+        __atomic_store_n(&pool_posted, pool_posted + 1, __ATOMIC_RELEASE);
+        pthread_cond_broadcast(&pool_wake);
+    }
+    pthread_mutex_unlock(&pool_lock);
+    take_pieces(job);
+    pthread_mutex_lock(&pool_lock);
+    pool_job = NULL; /* a worker waking from now on must not touch the job */
+    pthread_mutex_unlock(&pool_lock);
+    spin_while(&pool_busy, 0, 0);
+    pthread_mutex_lock(&pool_lock);
+    while (pool_busy > 0)
+        pthread_cond_wait(&pool_idle, &pool_lock);
+    pthread_mutex_unlock(&pool_lock);
+    pthread_mutex_unlock(&job_lock);
+}
+
+/* fork() copies only the calling thread: hold the locks across it so that the child gets them in
+ * a known state, and let the child start its own workers. */
+static void before_fork(void)
+{
+    pthread_mutex_lock(&job_lock);
+    pthread_mutex_lock(&pool_lock);
+}
+
+static void after_fork_in_parent(void)
+{
+    pthread_mutex_unlock(&pool_lock);
+    pthread_mutex_unlock(&job_lock);
+}
 
 static void after_fork_in_child(void)
 {
-    if (__atomic_load_n(&pool_started, __ATOMIC_RELAXED))
-        pool_lost_in_fork = 1;
+    /* The parent's workers are still counted as waiters in the condition variables' copies, and
+     * glibc's signal/broadcast would wait for them to leave: start the child with fresh ones. */
+    static const pthread_cond_t fresh = PTHREAD_COND_INITIALIZER;
+    pool_wake = fresh;
+    pool_idle = fresh;
+    pool_workers = 0;
+    pool_busy = 0;
+    pool_job = NULL;
+    after_fork_in_parent();
 }
 
 int bn_threads_init(void)
 {
-    return pthread_atfork(NULL, NULL, after_fork_in_child);
+    return pthread_atfork(before_fork, after_fork_in_parent, after_fork_in_child);
+}
+
+npy_intp bn_default_num_threads(void)
+{
+    cpu_set_t cpus;
+    if (sched_getaffinity(0, sizeof cpus, &cpus) == 0 && CPU_COUNT(&cpus) > 0)
+        return CPU_COUNT(&cpus);
+    const long online = sysconf(_SC_NPROCESSORS_ONLN);
+    return online > 0 ? online : 1;
 }
 
 npy_intp bn_get_num_threads(void)
 {
-    return pool_lost_in_fork ? 1 : __atomic_load_n(&num_threads, __ATOMIC_RELAXED);
+    return __atomic_load_n(&num_threads, __ATOMIC_RELAXED);
 }
 
 void bn_set_num_threads(npy_intp n)
@@ -248,52 +407,50 @@ static void run_piece(const bn_plan *p, bn_kernel kernel, const bn_coefs *c, npy
     }
 }
 
-/* Piece i of s.count along s.dim, summing into its own partial sums when it has them. */
-static void run_numbered_piece(const bn_plan *p, bn_kernel kernel, const bn_coefs *c, bn_split s,
-                               double *partial, npy_intp i)
+/* A pass over a plan as a job for the pool. */
+typedef struct {
+    bn_job job;
+    const bn_plan *plan;
+    bn_kernel kernel;
+    const bn_coefs *coefs;
+    bn_split split;
+    double *partial;
+} bn_pass;
+
+/* Piece i of split.count along split.dim, summing into its own partial sums when it has them. */
+static void run_numbered_piece(const bn_job *job, npy_intp i)
 {
-    const npy_intp length = p->shape[s.dim], base = length / s.count, extra = length % s.count;
+    const bn_pass *pass = (const bn_pass *)job;
+    const bn_split s = pass->split;
+    const npy_intp length = pass->plan->shape[s.dim], base = length / s.count,
+                   extra = length % s.count;
     const npy_intp lo = i * base + (i < extra ? i : extra);
     const npy_intp hi = lo + base + (i < extra ? 1 : 0);
-    bn_coefs mine = *c;
-    if (partial)
-        mine.acc = partial + i * BN_NACC * c->nfeat;
-    run_piece(p, kernel, &mine, s.dim, lo, hi);
+    bn_coefs mine = *pass->coefs;
+    if (pass->partial)
+        mine.acc = pass->partial + i * BN_NACC * mine.nfeat;
+    run_piece(pass->plan, pass->kernel, &mine, s.dim, lo, hi);
 }
 
 int bn_run(const bn_plan *p, bn_kernel kernel, const bn_coefs *c)
 {
     if (p->size == 0)
         return 0;
-    const bn_split s = choose_split(p, c);
+    bn_pass pass = {{run_numbered_piece, 0, 0, 0}, p, kernel, c, choose_split(p, c), NULL};
+    pass.job.count = pass.split.count;
     const npy_intp accsize = BN_NACC * c->nfeat;
-    double *partial = NULL;
-    if (s.partials) {
-        partial = calloc((size_t)(s.count * accsize), sizeof(double));
-        if (!partial)
+    if (pass.split.partials) {
+        pass.partial = calloc((size_t)(pass.split.count * accsize), sizeof(double));
+        if (!pass.partial)
             return -1;
     }
-    npy_intp threads = bn_get_num_threads();
-    if (threads > s.count)
-        threads = s.count;
-    if (threads > 1)
-        __atomic_store_n(&pool_started, 1, __ATOMIC_RELAXED);
-    if (threads == 1) {
-        /* no parallel region at all: entering one costs more than a small array's work */
-        for (npy_intp i = 0; i < s.count; i++)
-            run_numbered_piece(p, kernel, c, s, partial, i);
-    } else {
-#ifdef _OPENMP
-#pragma omp parallel for schedule(static) num_threads((int)threads)
-#endif
-        for (npy_intp i = 0; i < s.count; i++)
-            run_numbered_piece(p, kernel, c, s, partial, i);
-    }
-    if (partial) {
-        for (npy_intp i = 0; i < s.count; i++)
+    const npy_intp threads = bn_get_num_threads();
+    run_job(&pass.job, threads < pass.job.count ? threads : pass.job.count);
+    if (pass.partial) {
+        for (npy_intp i = 0; i < pass.split.count; i++)
             for (npy_intp j = 0; j < accsize; j++)
-                c->acc[j] += partial[i * accsize + j];
-        free(partial);
+                c->acc[j] += pass.partial[i * accsize + j];
+        free(pass.partial);
     }
     return 0;
 }

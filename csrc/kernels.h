@@ -86,9 +86,10 @@ int bn_run(const bn_plan *plan, bn_kernel kernel, const bn_coefs *coefs);
 void bn_gather_first(npy_intp nkept, const npy_intp *fshape, const npy_intp *fstrides,
                      const char *data, size_t itemsize, char *dst);
 
-/* Threads the passes may use (>= 1); 1 in a child forked after the parent ran threads.
- * bn_threads_init registers the fork handler: call it once, returns 0 or an errno value. */
+/* Threads the passes may use (>= 1), and the default: the CPUs this process may run on.
+ * bn_threads_init registers the fork handlers: call it once, returns 0 or an errno value. */
 int bn_threads_init(void);
+npy_intp bn_default_num_threads(void);
 npy_intp bn_get_num_threads(void);
 void bn_set_num_threads(npy_intp n);
 

@@ -11,10 +11,6 @@
 
 #include "kernels.h"
 
-#ifdef _OPENMP
-#include <omp.h>
-#endif
-
 static PyObject *AxisError; /* numpy.exceptions.AxisError */
 
 /* ---- the axes: which are kept (features), how features are numbered ---- */
@@ -960,32 +956,28 @@ static PyObject *bn_py_set_num_threads(PyObject *self, PyObject *arg)
     Py_RETURN_NONE;
 }
 
-static npy_intp default_num_threads(void)
-{
-#ifdef _OPENMP
-    return omp_get_max_threads();
-#else
-    return 1;
-#endif
-}
-
-/* BNORM_NUM_THREADS, else OpenMP's default (OMP_NUM_THREADS or the CPUs this process may use). */
+/* The first of BNORM_NUM_THREADS and OMP_NUM_THREADS that is set (MPI and HPC jobs set the
+ * latter to keep one thread per rank), else the CPUs this process may use. */
 static int init_num_threads(void)
 {
+    static const char *const names[] = {"BNORM_NUM_THREADS", "OMP_NUM_THREADS"};
     if (bn_threads_init() != 0) {
         PyErr_SetString(PyExc_RuntimeError, "bnorm: could not register a fork handler");
         return -1;
     }
-    npy_intp n = default_num_threads();
-    const char *env = getenv("BNORM_NUM_THREADS");
-    if (env && *env) {
+    npy_intp n = bn_default_num_threads();
+    for (size_t i = 0; i < sizeof names / sizeof names[0]; i++) {
+        const char *env = getenv(names[i]);
+        if (!env || !*env)
+            continue;
         char *end;
         const long v = strtol(env, &end, 10);
-        if (*end == '\0' && v >= 1)
+        if (*end == '\0' && v >= 1) {
             n = v;
-        else if (PyErr_WarnFormat(PyExc_RuntimeWarning, 1,
-                                  "bnorm: ignoring BNORM_NUM_THREADS=%s (not an int >= 1)",
-                                  env) < 0)
+            break;
+        }
+        if (PyErr_WarnFormat(PyExc_RuntimeWarning, 1, "bnorm: ignoring %s=%s (not an int >= 1)",
+                             names[i], env) < 0)
             return -1;
     }
     bn_set_num_threads(n);

@@ -1,6 +1,6 @@
 """bnorm in processes forked after the parent ran its thread pool (multiprocessing's default on
-Linux).  GNU OpenMP cannot run a parallel region in such a child; bnorm must fall back to one
-thread there instead of hanging, and give the same bits."""
+Linux).  A child has none of the parent's workers: it must start its own instead of waiting for
+them (GNU OpenMP hangs there), keep its thread count and give the same bits."""
 import multiprocessing
 import sys
 
@@ -31,6 +31,6 @@ def test_forked_children_compute_the_same_bits_without_hanging():
         bnorm.set_num_threads(before)
     assert parent_threads == 2  # the parent keeps its threads
     for threads, *got in results:
-        assert threads == 1
+        assert threads == 2
         for g, e in zip(got, expected):
             np.testing.assert_array_equal(g, e)
