@@ -68,12 +68,14 @@ static int parse_layout(PyObject *axis, PyArrayObject *x, layout *L)
     }
     char is_kept[BN_MAXDIMS] = {0};
     if (PyTuple_Check(axis) || PyList_Check(axis)) {
-        PyObject *seq = PySequence_Fast(axis, "axis");
+        /* A tuple copy owns the items: an item's __index__ may empty a list while we hold its
+         * items borrowed. */
+        PyObject *seq = PySequence_Tuple(axis);
         if (!seq)
             return -1;
-        const Py_ssize_t n = PySequence_Fast_GET_SIZE(seq);
+        const Py_ssize_t n = PyTuple_GET_SIZE(seq);
         for (Py_ssize_t i = 0; i < n; i++) {
-            if (parse_axis_item(PySequence_Fast_GET_ITEM(seq, i), ndim, is_kept, axis) < 0) {
+            if (parse_axis_item(PyTuple_GET_ITEM(seq, i), ndim, is_kept, axis) < 0) {
                 Py_DECREF(seq);
                 return -1;
             }
@@ -263,11 +265,14 @@ static int per_feature(PyObject *obj, const char *name, const layout *L, int exa
     return 0;
 }
 
-/* dst = arr broadcast to F, converted to float64. */
+/* dst = arr broadcast to F, converted to float64.  Forced: as_param_array admitted every real
+ * dtype, and long double to float64 is not a "safe" cast; failing on it would also come too late
+ * for running statistics, which are re-read after the result has been written. */
 static int gather_broadcast(const layout *L, PyArrayObject *arr, double *dst)
 {
     PyArrayObject *dbl = (PyArrayObject *)PyArray_FromArray(
-        arr, PyArray_DescrFromType(NPY_DOUBLE), NPY_ARRAY_C_CONTIGUOUS | NPY_ARRAY_ALIGNED);
+        arr, PyArray_DescrFromType(NPY_DOUBLE),
+        NPY_ARRAY_C_CONTIGUOUS | NPY_ARRAY_ALIGNED | NPY_ARRAY_FORCECAST);
     npy_intp *map = PyMem_Malloc(sizeof(npy_intp) * (size_t)(L->nfeat ? L->nfeat : 1));
     if (!dbl || !map) {
         Py_XDECREF(dbl);
@@ -448,9 +453,10 @@ static int call_data(call *c, PyObject *x_obj, PyObject *dy_obj, PyObject *axis)
             return -1;
         }
         if (PyArray_TYPE(c->dy) != c->type_num) {
-            /* the one copy bnorm makes: dy of the other float dtype, cast to x's */
+            /* the one copy bnorm makes: dy of the other float dtype, cast to x's (forced:
+             * float64 to float32 is not a "safe" cast) */
             Py_SETREF(c->dy, (PyArrayObject *)PyArray_FromArray(
-                                 c->dy, PyArray_DescrFromType(c->type_num), 0));
+                                 c->dy, PyArray_DescrFromType(c->type_num), NPY_ARRAY_FORCECAST));
             if (!c->dy)
                 return -1;
         }
@@ -680,28 +686,31 @@ static int update_running(PyObject *obj, const double *batch, double momentum, c
     return rc;
 }
 
-/* dgamma in gamma's shape: per-feature values summed over what gamma was broadcast over. */
-static PyArrayObject *sum_to_param(const call *c, PyArrayObject *param, const double *values,
-                                   double *work)
+/* dgamma in gamma's shape: per-feature values summed over what gamma was broadcast over.  The
+ * sums get a buffer of their own: gamma can have more elements than there are features (a
+ * length-1 axis of gamma broadcast to a length-0 feature axis), so no per-feature scratch fits. */
+static PyArrayObject *sum_to_param(const call *c, PyArrayObject *param, const double *values)
 {
     if (!param)
         return feature_array(c, c->type_num, values);
+    const npy_intp n = PyArray_SIZE(param);
     npy_intp *map = PyMem_Malloc(sizeof(npy_intp) * (size_t)(c->L.nfeat ? c->L.nfeat : 1));
+    double *work = PyMem_Calloc((size_t)(n ? n : 1), sizeof(double));
     PyArrayObject *a = (PyArrayObject *)PyArray_SimpleNew(PyArray_NDIM(param),
                                                           PyArray_DIMS(param), c->type_num);
-    if (!map || !a) {
+    if (!map || !work || !a) {
         PyMem_Free(map);
+        PyMem_Free(work);
         Py_XDECREF(a);
         return (PyArrayObject *)(PyErr_Occurred() ? NULL : PyErr_NoMemory());
     }
     broadcast_map(&c->L, PyArray_NDIM(param), PyArray_DIMS(param), map);
-    const npy_intp n = PyArray_SIZE(param);
-    memset(work, 0, sizeof(double) * (size_t)n);
     for (npy_intp f = 0; f < c->L.nfeat; f++)
         work[map[f]] += values[f];
     for (npy_intp g = 0; g < n; g++)
         put(PyArray_BYTES(a), g, work[g], c->type_num);
     PyMem_Free(map);
+    PyMem_Free(work);
     return a;
 }
 
@@ -804,7 +813,7 @@ static PyObject *bn_backward(PyObject *self, PyObject *const *args, Py_ssize_t n
     double *dgamma_f = c.s.var; /* var is free in backward */
     for (npy_intp f = 0; f < nf; f++)
         dgamma_f[f] = c.s.rstd[f] * c.s.acc[nf + f];
-    dgamma = sum_to_param(&c, gamma, dgamma_f, c.s.acc + 2 * nf);
+    dgamma = sum_to_param(&c, gamma, dgamma_f);
     dbeta = feature_array(&c, c.type_num, c.s.acc);
     PyObject *dx = dgamma && dbeta ? call_finish(&c) : NULL;
     if (dx)
