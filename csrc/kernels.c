@@ -13,6 +13,7 @@
 
 #define BN_INLINE inline __attribute__((always_inline))
 #define BN_LANES 16
+#define BN_ROWS 4
 
 /* One build runs on any x86-64: the kernels are compiled for AVX-512, AVX2+FMA and baseline, and
  * the loader picks the best the CPU has. */

@@ -33,7 +33,31 @@ static BN_INLINE void BN_NAME(reduce_body)(
     double *restrict sum2, const int has_dy)
 {
     if (fs1 != 0) {
-        for (npy_intp i = 0; i < n0; i++) {
+        npy_intp i = 0;
+        /* Rows of the batch (fs0 == 0) have the same features: sum BN_ROWS of them in registers
+         * before touching the per-feature sums, each of which costs a load and a store. */
+        if (fs0 == 0) {
+            for (; i + BN_ROWS <= n0; i += BN_ROWS) {
+                for (npy_intp j = 0; j < n1; j++) {
+                    const npy_intp f = f0 + j * fs1;
+                    const double k = (double)shift[f];
+                    double s0 = 0, s1 = 0, s2 = 0;
+                    for (npy_intp r = 0; r < BN_ROWS; r++) {
+                        const double v = (double)BN_NAME(load)(x + (i + r) * xs0 + j * xs1) - k;
+                        const double w =
+                            has_dy ? (double)BN_NAME(load)(dy + (i + r) * ds0 + j * ds1) : v;
+                        s0 += w;
+                        s1 += w * v;
+                        s2 += v;
+                    }
+                    sum0[f] += s0;
+                    sum1[f] += s1;
+                    if (has_dy)
+                        sum2[f] += s2;
+                }
+            }
+        }
+        for (; i < n0; i++) {
             const char *xrow = x + i * xs0, *dyrow = dy + i * ds0;
             const npy_intp frow = f0 + i * fs0;
             for (npy_intp j = 0; j < n1; j++) {
@@ -55,6 +79,7 @@ static BN_INLINE void BN_NAME(reduce_body)(
         double lane0[BN_LANES] = {0}, lane1[BN_LANES] = {0}, lane2[BN_LANES] = {0};
         npy_intp j = 0;
         for (; j + BN_LANES <= n1; j += BN_LANES) {
+#pragma omp simd
             for (npy_intp l = 0; l < BN_LANES; l++) {
                 const double v = (double)BN_NAME(load)(xrow + (j + l) * xs1) - k;
                 const double w = has_dy ? (double)BN_NAME(load)(dyrow + (j + l) * ds1) : v;
@@ -64,19 +89,19 @@ static BN_INLINE void BN_NAME(reduce_body)(
                     lane2[l] += v;
             }
         }
-        for (npy_intp l = 0; j < n1; j++, l++) {
-            const double v = (double)BN_NAME(load)(xrow + j * xs1) - k;
-            const double w = has_dy ? (double)BN_NAME(load)(dyrow + j * ds1) : v;
-            lane0[l] += w;
-            lane1[l] += w * v;
-            if (has_dy)
-                lane2[l] += v;
-        }
         double t0 = 0, t1 = 0, t2 = 0;
         for (npy_intp l = 0; l < BN_LANES; l++) {
             t0 += lane0[l];
             t1 += lane1[l];
             t2 += lane2[l];
+        }
+        /* the tail apart, so that the lanes are indexed by constants only and stay in registers */
+        for (; j < n1; j++) {
+            const double v = (double)BN_NAME(load)(xrow + j * xs1) - k;
+            const double w = has_dy ? (double)BN_NAME(load)(dyrow + j * ds1) : v;
+            t0 += w;
+            t1 += w * v;
+            t2 += v;
         }
         sum0[f] += t0;
         sum1[f] += t1;
@@ -111,11 +136,10 @@ static BN_INLINE void BN_NAME(reduce)(const bn_block *b, const bn_coefs *c, cons
  * is stored, so out may be x or dy itself (in place) and the loops still vectorize. */
 static BN_INLINE void BN_NAME(apply_tile)(
     npy_intp m, const char *x, npy_intp xs1, const char *dy, npy_intp ds1, char *out,
-    npy_intp os1, npy_intp f, npy_intp fs1, const bn_coefs *c, const int has_dy)
+    npy_intp os1, npy_intp f, npy_intp fs1, const BN_T *restrict shift,
+    const BN_T *restrict center, const BN_T *restrict scale, const BN_T *restrict offset,
+    const BN_T *restrict dyscale, const int has_dy)
 {
-    const BN_T *restrict shift = (const BN_T *)c->shift, *restrict center = (const BN_T *)c->center;
-    const BN_T *restrict scale = (const BN_T *)c->scale, *restrict offset = (const BN_T *)c->offset;
-    const BN_T *restrict dyscale = (const BN_T *)c->dyscale;
     BN_T v[BN_LANES], w[BN_LANES];
     for (npy_intp l = 0; l < m; l++)
         v[l] = BN_NAME(load)(x + l * xs1);
@@ -137,6 +161,10 @@ static BN_INLINE void BN_NAME(apply_body)(
     npy_intp ds0, npy_intp ds1, char *out, npy_intp os0, npy_intp os1, npy_intp f0, npy_intp fs0,
     npy_intp fs1, const bn_coefs *c, const int has_dy)
 {
+    /* in locals: a store through out (a char *) would otherwise make GCC reload them */
+    const BN_T *shift = (const BN_T *)c->shift, *center = (const BN_T *)c->center;
+    const BN_T *scale = (const BN_T *)c->scale, *offset = (const BN_T *)c->offset;
+    const BN_T *dyscale = (const BN_T *)c->dyscale;
     for (npy_intp i = 0; i < n0; i++) {
         const char *xrow = x + i * xs0, *dyrow = dy + i * ds0;
         char *orow = out + i * os0;
@@ -144,10 +172,12 @@ static BN_INLINE void BN_NAME(apply_body)(
         npy_intp j = 0;
         for (; j + BN_LANES <= n1; j += BN_LANES)
             BN_NAME(apply_tile)(BN_LANES, xrow + j * xs1, xs1, dyrow + j * ds1, ds1, orow + j * os1,
-                                os1, frow + j * fs1, fs1, c, has_dy);
+                                os1, frow + j * fs1, fs1, shift, center, scale, offset, dyscale,
+                                has_dy);
         if (j < n1)
             BN_NAME(apply_tile)(n1 - j, xrow + j * xs1, xs1, dyrow + j * ds1, ds1, orow + j * os1,
-                                os1, frow + j * fs1, fs1, c, has_dy);
+                                os1, frow + j * fs1, fs1, shift, center, scale, offset, dyscale,
+                                has_dy);
     }
 }
 
