@@ -1,0 +1,334 @@
+"""``SyncBatchNorm``: batch norm whose batch is split across MPI ranks (needs ``mpi4py``).
+
+Each rank holds a slice of one global batch (any number of rows, zero included).  The layer gives
+every rank what single-process ``bnorm.BatchNorm`` gives on the whole batch: its slice of ``y`` and
+``dx``, the whole batch's ``dgamma``/``dbeta`` and the same running statistics, equal to
+float32/float64 rounding.  No data is gathered: a training forward sums one packed float64 buffer
+of ``2 * F + 5`` numbers (a count, and per feature the sums of ``x - shift`` and
+``(x - shift)**2``) with one ``Allreduce``; a backward sums ``2 * F + 2`` numbers with one
+``Allreduce``::
+
+    from mpi4py import MPI
+    from bnorm.mpi import SyncBatchNorm
+
+    layer = SyncBatchNorm(MPI.COMM_WORLD, 64)   # then the arguments of bnorm.BatchNorm
+    y = layer.forward(x_local)                  # x_local: this rank's rows of the global batch
+    dx_local = layer.backward(dy_local)         # layer.dgamma, layer.dbeta: the global batch's
+
+Exactness.  The moments are taken around a *shift* common to all ranks -- the previous training
+step's global mean, zeros at first -- so the sums do not cancel when the data's mean is far from
+zero (``1e4 + randn`` in float32).  When the shift is poor (the first training step on data far
+from zero, or a jump of the data's mean by many standard deviations) the sums would cancel; every
+rank sees that in the same reduced numbers, and they redo the sums around the mean just found,
+from their local statistics (no second pass over the data): a second small ``Allreduce`` on those
+steps only.  A checksum in the buffer checks that the ranks' shifts agree, so a layer whose history
+differs on some rank cannot corrupt the result (the sums are then redone around zeros).
+
+Collective rules.  As for any MPI collective, every rank of ``comm`` calls ``forward`` with the
+same ``training`` flag, then ``backward``, in the same order.  ``forward(x, training=False)``
+communicates nothing.  Bad input on one rank does not hang the others: the failing rank raises its
+own error after the ``Allreduce`` and the others raise ``RuntimeError``; nothing is modified on
+any rank.
+"""
+import zlib
+
+try:
+    from mpi4py import MPI
+except ImportError as exc:  # pragma: no cover - depends on the environment
+    raise ImportError(
+        "bnorm.mpi needs mpi4py and an MPI library: `pip install mpi4py mpich` (or "
+        "`pip install 'bnorm[mpi]'`), or mpi4py built against the system's MPI") from exc
+
+import numpy as np
+
+try:
+    from numpy.lib.array_utils import normalize_axis_tuple
+except ImportError:  # NumPy < 2.0
+    from numpy.core.numeric import normalize_axis_tuple
+
+from .layer import BatchNorm
+from .phases import backward_apply, backward_sums, batch_stats, normalize
+
+__all__ = ["SyncBatchNorm", "allreduce_stats"]
+
+# The sums are redone around the mean just found when sum((x - shift)**2) exceeds TAU times the
+# sum of squared deviations m2: the cancellation would then cost more than log2(TAU) bits of
+# float64 (relative error of m2 about (ranks + 3) * 2**-53 * TAU).  Float64 data gets a tight
+# bound (errors ~1e-14); float32 data keeps float32 precision with a looser one (~1e-9 << 2**-24).
+_TAU64 = 2.0 ** 6
+_TAU32 = 2.0 ** 22
+
+# Forward buffer: [failed ranks, ranks with float64 data, count, shift checksum, its square,
+#                  sum(x - shift) (F), sum((x - shift)**2) (F)] -- the header holds integers,
+# summed exactly in float64.
+_H_ERR, _H_F64, _H_COUNT, _H_SUM, _H_SQ = range(5)
+_FWD_HEADER = 5
+# Backward buffer: [failed ranks, ranks whose forward was training, sum(dy) (F),
+#                   sum(dy * (x - mean)) (F)].
+_BWD_HEADER = 2
+
+
+def _checksum(shift):
+    """A 16-bit integer of ``shift``'s bytes (its sums over ranks are exact)."""
+    return zlib.crc32(np.ascontiguousarray(shift, dtype=np.float64).tobytes()) & 0xFFFF
+
+
+def _allreduce_moments(comm, count, mean, m2, shift, *, failed=False, float64=True, bufs=None):
+    """The collective behind ``allreduce_stats`` and ``SyncBatchNorm.forward``.
+
+    Returns ``(failed_ranks, n, mean, m2)``: ``failed_ranks > 0`` (then the rest is None) when a
+    rank passed ``failed=True``; ``n == 0`` (mean, m2 None) when every rank is empty.
+    """
+    F = shift.shape
+    nf = shift.size
+    if bufs is None:
+        bufs = (np.empty(_FWD_HEADER + 2 * nf), np.empty(_FWD_HEADER + 2 * nf))
+    send, recv = bufs
+    s1 = send[_FWD_HEADER:_FWD_HEADER + nf]
+    s2 = send[_FWD_HEADER + nf:]
+
+    def reduce_around(shift, failed, float64):
+        h = _checksum(shift)
+        send[:_FWD_HEADER] = (float(failed), float(float64), float(count), h, h * h)
+        if count > 0:
+            d = mean.reshape(-1) - shift.reshape(-1)
+            np.multiply(d, count, out=s1)   # n_r * (mean_r - shift)
+            np.multiply(s1, d, out=s2)      # n_r * (mean_r - shift)**2
+            np.add(s2, m2.reshape(-1), out=s2)   # + m2_r: the rank's sum of (x - shift)**2
+        else:
+            s1.fill(0.0)
+            s2.fill(0.0)
+        comm.Allreduce(send, recv, op=MPI.SUM)
+        n = int(round(recv[_H_COUNT]))
+        S1 = recv[_FWD_HEADER:_FWD_HEADER + nf].reshape(F)
+        S2 = recv[_FWD_HEADER + nf:].reshape(F)
+        if n == 0:
+            return n, None, None, S2
+        d = S1 / n
+        return n, shift + d, S2 - S1 * d, S2.copy()
+
+    n, gmean, gm2, S2 = reduce_around(shift, failed, float64)
+    nfailed = int(round(recv[_H_ERR]))
+    if nfailed:
+        return nfailed, None, None, None
+    any64 = recv[_H_F64] > 0
+    # All ranks' checksums h are equal iff size * sum(h**2) == sum(h)**2 (Cauchy-Schwarz), in
+    # exact integers; every rank sees the same sums, so all take the same branch.
+    if comm.Get_size() * int(recv[_H_SQ]) != int(recv[_H_SUM]) ** 2:
+        shift = np.zeros(F)
+        n, gmean, gm2, S2 = reduce_around(shift, False, any64)
+    if n == 0:
+        return 0, 0, None, None
+    with np.errstate(invalid="ignore"):   # NaN/inf features compare False: nothing to save there
+        ill = bool(np.any(S2 > (_TAU64 if any64 else _TAU32) * gm2))
+    if ill:
+        shift = np.where(np.isfinite(gmean), gmean, 0.0)
+        n, gmean, gm2, _ = reduce_around(shift, False, any64)
+    return 0, n, gmean, np.maximum(gm2, 0.0)
+
+
+def allreduce_stats(comm, count, mean, m2, *, shift=None, precision=np.float64):
+    """Combine every rank's ``bnorm.batch_stats`` into the global ``(count, mean, m2)``.
+
+    A collective: each rank of ``comm`` passes its local ``count`` (an int, 0 allowed) and its
+    ``mean`` and ``m2`` (float arrays of the feature shape ``F``, the same ``F`` on all ranks).
+    One ``Allreduce`` of ``2 * F + 5`` float64 sums the moments around ``shift`` (shape ``F``,
+    default zeros; if the ranks pass different shifts the sums are redone around zeros), plus a
+    second one around the mean just found when the first cancels by more than what ``precision``
+    (float64 or float32: the data's dtype) can afford.  Every rank gets the same float64 result,
+    as ``bnorm.combine_stats`` of all ranks' statistics would give; when every rank is empty,
+    ``(0, None, None)``.
+    """
+    mean = np.asarray(mean, dtype=np.float64)
+    m2 = np.asarray(m2, dtype=np.float64)
+    if m2.shape != mean.shape:
+        raise ValueError(f"mean and m2 have shapes {mean.shape} and {m2.shape}")
+    shift = np.zeros(mean.shape) if shift is None else np.asarray(shift, dtype=np.float64)
+    if shift.shape != mean.shape:
+        raise ValueError(f"shift has shape {shift.shape}, expected {mean.shape}")
+    float64 = np.dtype(precision) == np.float64
+    _, n, gmean, gm2 = _allreduce_moments(comm, int(count), mean, m2, shift, float64=float64)
+    return n, gmean, gm2
+
+
+class SyncBatchNorm(BatchNorm):
+    """``bnorm.BatchNorm`` over a batch split across the ranks of an MPI communicator.
+
+    ``SyncBatchNorm(comm, num_features, *, axis=-1, eps=1e-8, momentum=0.9, affine=True,
+    dtype=np.float32)``: ``comm`` is an mpi4py intracommunicator (``MPI.COMM_WORLD`` or a
+    sub-communicator: a process group); the other arguments, the attributes (``gamma``, ``beta``,
+    ``running_mean``, ``running_var``, ``dgamma``, ``dbeta``) and ``state_dict`` /
+    ``load_state_dict`` are ``BatchNorm``'s.
+
+    ``forward(x, training=True)``: ``x`` is this rank's part of the global batch, split along any
+    batch axis (any length, 0 included).  Training normalizes with the global batch's mean and
+    biased variance and updates the running statistics with them (identical on every rank): one
+    ``Allreduce`` (two on steps where the previous mean is a poor shift, see the module's doc).
+    ``training=False`` uses the running statistics and communicates nothing.
+
+    ``backward(dy)``: this rank's part of ``dx``, and ``dgamma``/``dbeta`` of the *whole* batch,
+    identical on every rank (so an optimizer must not sum or average them across ranks again):
+    one ``Allreduce``, in both modes.
+
+    Keep ``gamma``, ``beta`` and the running statistics the same on all ranks (update them with
+    the same gradients; ``broadcast_state`` copies one rank's to all).
+    """
+
+    def __init__(self, comm, num_features, *, axis=-1, eps=1e-8, momentum=0.9, affine=True,
+                 dtype=np.float32):
+        if not all(hasattr(comm, m) for m in ("Allreduce", "Get_size")):
+            raise TypeError(f"comm must be an mpi4py communicator, got {type(comm).__name__}")
+        super().__init__(num_features, axis=axis, eps=eps, momentum=momentum, affine=affine,
+                         dtype=dtype)
+        self.comm = comm
+        nf = int(np.prod(self.num_features))
+        self._fwd_bufs = (np.empty(_FWD_HEADER + 2 * nf), np.empty(_FWD_HEADER + 2 * nf))
+        self._bwd_bufs = (np.empty(_BWD_HEADER + 2 * nf), np.empty(_BWD_HEADER + 2 * nf))
+        self._shift = np.zeros(self.num_features)   # the last training step's global mean
+        self._ctx = None    # (x, mean, rstd, gamma, training, count) of the last forward
+
+    # ------------------------------------------------------------------ forward / backward
+    def forward(self, x, training=True):
+        """Normalize this rank's ``x`` with the global batch's statistics; returns its ``y``.
+
+        A collective when training (every rank calls it); see the class doc.
+        """
+        if not training:
+            return self._forward_eval(x)
+        F = self.num_features
+        failed = None
+        try:
+            if not isinstance(x, np.ndarray):
+                x = np.asarray(x)
+            self._check_x(x)
+            for name in ("running_mean", "running_var"):
+                if not getattr(self, name).flags.writeable:
+                    raise ValueError(f"layer.{name} is read-only")
+            count, mean_r, m2_r = batch_stats(x, axis=self.axis)
+        except Exception as exc:   # take part in the Allreduce anyway, then raise it
+            failed = exc
+            count, mean_r, m2_r = 0, np.zeros(F), np.zeros(F)
+        float64 = failed is None and x.dtype == np.float64
+        nfailed, n, mean, m2 = _allreduce_moments(
+            self.comm, count, mean_r, m2_r, self._shift, failed=failed is not None,
+            float64=float64, bufs=self._fwd_bufs)
+        if failed is not None:
+            raise failed
+        if nfailed:
+            raise RuntimeError(f"SyncBatchNorm.forward: {nfailed} other rank(s) failed (see "
+                               f"their errors); nothing was modified")
+        if n == 0:
+            raise ValueError("SyncBatchNorm.forward: training with zero elements to reduce over "
+                             "(the global batch is empty on every rank)")
+        var = m2 / n
+        rstd = 1.0 / np.sqrt(var + self.eps)
+        gamma = self.gamma
+        y = normalize(x, mean, rstd, gamma, self.beta, axis=self.axis)
+        m = self.momentum
+        for r, stat in ((self.running_mean, mean), (self.running_var, var)):
+            r[...] = m * r.astype(np.float64) + (1.0 - m) * stat   # float64, as bnorm.forward
+        self._shift = np.where(np.isfinite(mean), mean, 0.0)
+        self._ctx = (x, mean, rstd, gamma, True, n)
+        return y
+
+    __call__ = forward   # BatchNorm's __call__ is bound to BatchNorm.forward
+
+    def _forward_eval(self, x):
+        if not isinstance(x, np.ndarray):
+            x = np.asarray(x)
+        self._check_x(x)
+        mean = self.running_mean.astype(np.float64)
+        rstd = 1.0 / np.sqrt(self.running_var.astype(np.float64) + self.eps)
+        gamma = self.gamma
+        y = normalize(x, mean, rstd, gamma, self.beta, axis=self.axis)
+        self._ctx = (x, mean, rstd, gamma, False, None)
+        return y
+
+    def backward(self, dy):
+        """This rank's ``dx`` for its ``dy``; sets ``dgamma``/``dbeta`` of the whole batch.
+
+        A collective (one ``Allreduce``, in both modes); see the class doc.
+        """
+        F = self.num_features
+        nf = int(np.prod(F))
+        send, recv = self._bwd_bufs
+        ctx = self._ctx
+        failed = None
+        training = False
+        try:
+            if ctx is None:
+                raise RuntimeError("SyncBatchNorm.backward called before forward: there is no "
+                                   "saved input")
+            x, mean, rstd, gamma, training, n = ctx
+            if not isinstance(dy, np.ndarray):
+                dy = np.asarray(dy)
+            if dy.shape != x.shape:
+                raise ValueError(f"dy has shape {dy.shape} but the last forward's x has shape "
+                                 f"{x.shape}")
+            if training or self.affine:
+                sum_dy, sum_dy_xmu = backward_sums(dy, x, mean, axis=self.axis)
+                send[_BWD_HEADER:_BWD_HEADER + nf] = sum_dy.reshape(-1)
+                send[_BWD_HEADER + nf:] = sum_dy_xmu.reshape(-1)
+            else:
+                send[_BWD_HEADER:] = 0.0
+        except Exception as exc:
+            failed = exc
+            send[_BWD_HEADER:] = 0.0
+        send[0] = 1.0 if failed is not None else 0.0
+        send[1] = 1.0 if failed is None and training else 0.0
+        self.comm.Allreduce(send, recv, op=MPI.SUM)
+        if failed is not None:
+            raise failed
+        nfailed = int(round(recv[0]))
+        if nfailed:
+            raise RuntimeError(f"SyncBatchNorm.backward: {nfailed} other rank(s) failed (see "
+                               f"their errors); nothing was modified")
+        ntrain, size = int(round(recv[1])), self.comm.Get_size()
+        if ntrain not in (0, size):
+            raise RuntimeError(f"SyncBatchNorm.backward: the last forward was in training mode "
+                               f"on {ntrain} of {size} ranks; all ranks must use the same mode")
+        sum_dy = recv[_BWD_HEADER:_BWD_HEADER + nf].reshape(F).copy()
+        sum_dy_xmu = recv[_BWD_HEADER + nf:].reshape(F).copy()
+        if training:
+            dx = backward_apply(dy, x, mean, rstd, sum_dy, sum_dy_xmu, n, gamma, axis=self.axis)
+        else:   # constant statistics: dx = gamma * rstd * dy
+            dx = normalize(dy.astype(x.dtype, copy=False), np.zeros(F), rstd, gamma, None,
+                           axis=self.axis)
+        if self.affine:
+            self.dgamma = (rstd * sum_dy_xmu).astype(self.dtype)
+            self.dbeta = sum_dy.astype(self.dtype)
+        else:
+            self.dgamma = self.dbeta = None
+        return dx
+
+    # ------------------------------------------------------------------ state
+    def broadcast_state(self, root=0):
+        """Copy rank ``root``'s ``gamma``, ``beta`` and running statistics to every rank, in
+        place (one ``Bcast``; a collective).  Use it after initializing or loading on one rank."""
+        names = (("gamma", "beta") if self.affine else ()) + ("running_mean", "running_var")
+        arrays = [getattr(self, k) for k in names] + [self._shift]
+        buf = np.concatenate([np.asarray(a, dtype=np.float64).reshape(-1) for a in arrays])
+        self.comm.Bcast(buf, root=root)
+        parts = np.split(buf, len(arrays))
+        for k, part in zip(names, parts):
+            target = getattr(self, k)
+            if target.flags.writeable:
+                np.copyto(target, part.reshape(self.num_features), casting="unsafe")
+            else:
+                setattr(self, k, part.reshape(self.num_features).astype(self.dtype))
+        self._shift = parts[-1].reshape(self.num_features).copy()
+
+    # ------------------------------------------------------------------ helpers
+    def _check_x(self, x):
+        axes = normalize_axis_tuple(self.axis, x.ndim)
+        fshape = tuple(x.shape[a] for a in sorted(axes))
+        if fshape != self.num_features:
+            raise ValueError(f"x of shape {x.shape} has feature shape {fshape} at axis="
+                             f"{self.axis!r}, but the layer has num_features="
+                             f"{self.num_features}")
+
+    def __repr__(self):
+        nf = self.num_features[0] if len(self.num_features) == 1 else self.num_features
+        return (f"SyncBatchNorm(<comm of {self.comm.Get_size()} ranks>, {nf!r}, "
+                f"axis={self.axis!r}, eps={self.eps!r}, momentum={self.momentum!r}, "
+                f"affine={self.affine!r}, dtype={self.dtype.name})")
