@@ -27,7 +27,10 @@ typedef struct {
 
 static int parse_axis_item(PyObject *item, npy_intp ndim, char *is_kept, PyObject *axis)
 {
-    PyObject *index = PyNumber_Index(item);
+    /* bool has __index__, but axis=True is a slip, not a request for axis 1: NumPy rejects it
+     * too. */
+    const int is_bool = PyBool_Check(item) || PyArray_IsScalar(item, Bool);
+    PyObject *index = is_bool ? NULL : PyNumber_Index(item);
     if (!index) {
         PyErr_Format(PyExc_TypeError, "bnorm: axis must be an int or a tuple of ints, got %R", axis);
         return -1;
@@ -263,6 +266,19 @@ static int per_feature(PyObject *obj, const char *name, const layout *L, int exa
     else
         Py_DECREF(arr);
     return 0;
+}
+
+/* per_feature for an argument without a default (mean, rstd, gradient sums): None there is a
+ * mistake, not "all zeros", so it is a TypeError like any other non-number. */
+static int required_per_feature(PyObject *obj, const char *name, const layout *L, int exact,
+                                double *dst)
+{
+    if (obj == Py_None) {
+        PyErr_Format(PyExc_TypeError, "bnorm: %s is required (an array of the feature shape), "
+                     "got None", name);
+        return -1;
+    }
+    return per_feature(obj, name, L, exact, 0.0, dst, NULL);
 }
 
 /* dst = arr broadcast to F, converted to float64.  Forced: as_param_array admitted every real
@@ -799,8 +815,8 @@ static PyObject *bn_backward(PyObject *self, PyObject *const *args, Py_ssize_t n
     if (training < 0)
         return NULL;
     if (call_data(&c, args[1], args[0], args[5]) < 0 || (training && require_batch(&c) < 0) ||
-        per_feature(args[2], "mean", &c.L, 0, 0.0, c.s.mean, NULL) < 0 ||
-        per_feature(args[3], "rstd", &c.L, 0, 0.0, c.s.rstd, NULL) < 0 ||
+        required_per_feature(args[2], "mean", &c.L, 0, c.s.mean) < 0 ||
+        required_per_feature(args[3], "rstd", &c.L, 0, c.s.rstd) < 0 ||
         per_feature(args[4], "gamma", &c.L, 0, 1.0, c.s.gamma, &gamma) < 0 ||
         call_out(&c, args[7]) < 0)
         goto done;
@@ -865,8 +881,8 @@ static PyObject *bn_normalize(PyObject *self, PyObject *const *args, Py_ssize_t 
     PyObject *result = NULL;
     int failed;
     if (call_data(&c, args[0], NULL, args[5]) < 0 ||
-        per_feature(args[1], "mean", &c.L, 0, 0.0, c.s.mean, NULL) < 0 ||
-        per_feature(args[2], "rstd", &c.L, 0, 0.0, c.s.rstd, NULL) < 0 ||
+        required_per_feature(args[1], "mean", &c.L, 0, c.s.mean) < 0 ||
+        required_per_feature(args[2], "rstd", &c.L, 0, c.s.rstd) < 0 ||
         per_feature(args[3], "gamma", &c.L, 0, 1.0, c.s.gamma, NULL) < 0 ||
         per_feature(args[4], "beta", &c.L, 0, 0.0, c.s.beta, NULL) < 0 ||
         call_out(&c, args[6]) < 0)
@@ -890,7 +906,7 @@ static PyObject *bn_backward_sums(PyObject *self, PyObject *const *args, Py_ssiz
     PyObject *result = NULL;
     int failed;
     if (call_data(&c, args[1], args[0], args[3]) < 0 ||
-        per_feature(args[2], "mean", &c.L, 0, 0.0, c.s.mean, NULL) < 0)
+        required_per_feature(args[2], "mean", &c.L, 0, c.s.mean) < 0)
         goto done;
     RUN_WITHOUT_GIL(failed, step_bwd_sums(&c, 0) < 0);
     if (failed)
@@ -922,11 +938,11 @@ static PyObject *bn_backward_apply(PyObject *self, PyObject *const *args, Py_ssi
         return NULL;
     }
     if (call_data(&c, args[1], args[0], args[8]) < 0 ||
-        per_feature(args[2], "mean", &c.L, 0, 0.0, c.s.mean, NULL) < 0 ||
-        per_feature(args[3], "rstd", &c.L, 0, 0.0, c.s.rstd, NULL) < 0 ||
+        required_per_feature(args[2], "mean", &c.L, 0, c.s.mean) < 0 ||
+        required_per_feature(args[3], "rstd", &c.L, 0, c.s.rstd) < 0 ||
         per_feature(args[4], "gamma", &c.L, 0, 1.0, c.s.gamma, NULL) < 0 ||
-        per_feature(args[5], "sum_dy", &c.L, 1, 0.0, c.s.acc, NULL) < 0 ||
-        per_feature(args[6], "sum_dy_xmu", &c.L, 1, 0.0, c.s.acc + c.L.nfeat, NULL) < 0 ||
+        required_per_feature(args[5], "sum_dy", &c.L, 1, c.s.acc) < 0 ||
+        required_per_feature(args[6], "sum_dy_xmu", &c.L, 1, c.s.acc + c.L.nfeat) < 0 ||
         call_out(&c, args[9]) < 0)
         goto done;
     RUN_WITHOUT_GIL(failed, step_bwd_apply_given(&c, count) < 0);
