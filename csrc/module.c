@@ -282,8 +282,7 @@ static int required_per_feature(PyObject *obj, const char *name, const layout *L
 }
 
 /* dst = arr broadcast to F, converted to float64.  Forced: as_param_array admitted every real
- * dtype, and long double to float64 is not a "safe" cast; failing on it would also come too late
- * for running statistics, which are re-read after the result has been written. */
+ * dtype, and long double to float64 is not a "safe" cast. */
 static int gather_broadcast(const layout *L, PyArrayObject *arr, double *dst)
 {
     PyArrayObject *dbl = (PyArrayObject *)PyArray_FromArray(
@@ -685,21 +684,26 @@ static int check_nargs(Py_ssize_t nargs, Py_ssize_t want, const char *name)
     return 0;
 }
 
-/* r = momentum * r + (1 - momentum) * batch, in float64, written back in r's own dtype. */
-static int update_running(PyObject *obj, const double *batch, double momentum, const layout *L,
-                          double *work)
+/* momentum * r + (1 - momentum) * batch, computed in float64 and cast to r's own dtype, as a new
+ * array: the cast can raise (a float16 statistic overflowing under np.errstate(over="raise") or
+ * with warnings as errors), so it is done before anything is written; the copy into r at the end
+ * is between equal dtypes and cannot. */
+static PyArrayObject *new_running(PyObject *obj, const double *batch, double momentum,
+                                  const layout *L, double *work)
 {
     if (per_feature(obj, "running statistic", L, 1, 0.0, work, NULL) < 0)
-        return -1;
+        return NULL;
     for (npy_intp f = 0; f < L->nfeat; f++)
         work[f] = momentum * work[f] + (1.0 - momentum) * batch[f];
     PyArrayObject *tmp = (PyArrayObject *)PyArray_SimpleNewFromData(
         L->nkept, (npy_intp *)L->fshape, NPY_DOUBLE, work);
     if (!tmp)
-        return -1;
-    const int rc = PyArray_CopyInto((PyArrayObject *)obj, tmp);
+        return NULL;
+    PyArray_Descr *descr = PyArray_DESCR((PyArrayObject *)obj);
+    Py_INCREF(descr); /* PyArray_CastToType steals it */
+    PyArrayObject *cast = (PyArrayObject *)PyArray_CastToType(tmp, descr, 0);
     Py_DECREF(tmp);
-    return rc;
+    return cast;
 }
 
 /* dgamma in gamma's shape: per-feature values summed over what gamma was broadcast over.  The
@@ -748,7 +752,7 @@ static PyObject *bn_forward(PyObject *self, PyObject *const *args, Py_ssize_t na
     PyObject *rmean_obj = args[6], *rvar_obj = args[7];
     call c = {0};
     PyObject *result = NULL;
-    PyArrayObject *mean = NULL, *rstd = NULL;
+    PyArrayObject *mean = NULL, *rstd = NULL, *new_rmean = NULL, *new_rvar = NULL;
     int err = 0, failed;
     const double eps = as_double_arg(args[4], "eps", &err);
     const double momentum = err ? 0 : as_double_arg(args[8], "momentum", &err);
@@ -781,24 +785,33 @@ static PyObject *bn_forward(PyObject *self, PyObject *const *args, Py_ssize_t na
     }
     if (call_out(&c, args[9]) < 0)
         goto done;
-    RUN_WITHOUT_GIL(failed, (training && step_stats(&c) < 0) || step_rstd(&c, eps) < 0 ||
-                                step_normalize(&c) < 0);
+    RUN_WITHOUT_GIL(failed, training && step_stats(&c) < 0);
+    if (failed)
+        goto done;
+    /* The running statistics' new values, before out is written (see new_running).  acc is free
+     * once step_stats has turned its sums into mean and var. */
+    if (training && rmean_obj != Py_None &&
+        !(new_rmean = new_running(rmean_obj, c.s.mean, momentum, &c.L, c.s.acc)))
+        goto done;
+    if (training && rvar_obj != Py_None &&
+        !(new_rvar = new_running(rvar_obj, c.s.var, momentum, &c.L, c.s.acc)))
+        goto done;
+    RUN_WITHOUT_GIL(failed, step_rstd(&c, eps) < 0 || step_normalize(&c) < 0);
     if (failed)
         goto done;
     mean = feature_array(&c, c.type_num, c.s.mean);
     rstd = feature_array(&c, c.type_num, c.s.rstd);
     PyObject *y = mean && rstd ? call_finish(&c) : NULL;
-    if (!y)
-        goto done;
-    if (training && ((rmean_obj != Py_None &&
-                      update_running(rmean_obj, c.s.mean, momentum, &c.L, c.s.acc) < 0) ||
-                     (rvar_obj != Py_None &&
-                      update_running(rvar_obj, c.s.var, momentum, &c.L, c.s.acc) < 0)))
+    if (!y ||
+        (new_rmean && PyArray_CopyInto((PyArrayObject *)rmean_obj, new_rmean) < 0) ||
+        (new_rvar && PyArray_CopyInto((PyArrayObject *)rvar_obj, new_rvar) < 0))
         goto done;
     result = PyTuple_Pack(3, y, (PyObject *)mean, (PyObject *)rstd);
 done:
     Py_XDECREF(mean);
     Py_XDECREF(rstd);
+    Py_XDECREF(new_rmean);
+    Py_XDECREF(new_rvar);
     call_clear(&c);
     return result;
 }
