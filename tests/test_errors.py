@@ -415,6 +415,21 @@ def test_training_flag_without_a_truth_value():
     assert_raises_untouched(fn, kw, ValueError, "ambiguous")
 
 
+# ---- non-finite data: the one row of the table that is not an error ----
+
+@pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf])
+@pytest.mark.parametrize("name", FUNCS)
+def test_nonfinite_data_raises_nothing(name, bad):
+    # Propagation itself is checked in test_core.py; here: no exception, not even a warning.
+    fn, kw = valid_call(name)
+    for arg in ("x", "dy"):
+        if arg in kw:
+            kw[arg][0, 0] = bad
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        fn(**kw)
+
+
 # ---- None and other non-arrays ----
 
 @pytest.mark.parametrize("name,arg", REQUIRED_ARGS)
