@@ -438,7 +438,8 @@ def main():
             for k, v in d.items():
                 w[k] = max(w.get(k, v), v)
         shown = "; ".join(f"{k} {r:.3f} ({n})" for k, (r, n) in sorted(w.items()))
-        print(f"check_sync: {SIZE} ranks ({MPI.Get_library_version().splitlines()[0].strip()}), "
+        lib = " ".join(MPI.Get_library_version().splitlines()[0].split(",")[0].split())
+        print(f"check_sync: {SIZE} ranks ({lib}), "
               f"{total_checks} checks, {total_failures} failed; worst error/tolerance: {shown}",
               flush=True)
     return 1 if total_failures else 0
