@@ -146,6 +146,7 @@ def allreduce_stats(comm, count, mean, m2, *, shift=None, precision=np.float64):
     shift = np.zeros(mean.shape) if shift is None else np.asarray(shift, dtype=np.float64)
     if shift.shape != mean.shape:
         raise ValueError(f"shift has shape {shift.shape}, expected {mean.shape}")
+    shift = np.where(np.isfinite(shift), shift, 0.0)
     float64 = np.dtype(precision) == np.float64
     _, n, gmean, gm2 = _allreduce_moments(comm, int(count), mean, m2, shift, float64=float64)
     return n, gmean, gm2
@@ -208,7 +209,8 @@ class SyncBatchNorm(BatchNorm):
         except Exception as exc:   # take part in the Allreduce anyway, then raise it
             failed = exc
             count, mean_r, m2_r = 0, np.zeros(F), np.zeros(F)
-        float64 = failed is None and x.dtype == np.float64
+        # float64 data or statistics get the tight cancellation bound (see _TAU64)
+        float64 = self.dtype == np.float64 or (failed is None and x.dtype == np.float64)
         nfailed, n, mean, m2 = _allreduce_moments(
             self.comm, count, mean_r, m2_r, self._shift, failed=failed is not None,
             float64=float64, bufs=self._fwd_bufs)
