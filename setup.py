@@ -19,7 +19,9 @@ compile_args = ["-std=c11", "-Wall", "-Wextra", "-Wno-unused-parameter", "-Wno-m
 link_args = []
 if sanitize:
     flags = ["-fsanitize=address,undefined", "-fno-sanitize-recover=undefined", "-fno-omit-frame-pointer"]
-    compile_args += ["-O1", "-g"] + flags
+    # -fno-wrapv: CPython's CFLAGS carry -fwrapv, which makes signed overflow defined and so
+    # silently switches off UBSan's signed-integer-overflow check (npy_intp index arithmetic).
+    compile_args += ["-O1", "-g", "-fno-wrapv"] + flags
     link_args += flags
 else:
     # -O3 lets GCC vectorize the kernels' inner loops; no -ffast-math: the summation order is ours.
