@@ -300,7 +300,9 @@ def test_no_reference_leaks(kind):
 def test_no_memory_leaks_tracemalloc(kind):
     """bnorm's PyMem scratch and NumPy's arrays are traced by tracemalloc: 300 rounds of every
     case must not leave memory behind (one leaked scratch block per call would be >= 300 * 100
-    bytes per case, a leaked result array >= 300 * 200)."""
+    bytes per case, a leaked result array >= 300 * 200).  Measured over a second window of 300
+    rounds: the first fills CPython's free lists (up to 2000 tuples of each size, which
+    tracemalloc counts as allocated), a bounded cache, not a leak."""
     before_threads = bnorm.get_num_threads()
     if kind == "valid":
         cases = [(n, f, a, k, None) for n, f, a, k in _fix_overlapping(valid_cases())]
@@ -311,17 +313,23 @@ def test_no_memory_leaks_tracemalloc(kind):
         for _ in range(5):
             for name, f, args, kw, exc in cases:
                 run_case(f, args, kw, exc)
-        gc.collect()
-        start, _ = tracemalloc.get_traced_memory()
-        for _ in range(300):
-            for name, f, args, kw, exc in cases:
-                run_case(f, args, kw, exc)
-        gc.collect()
-        end, _ = tracemalloc.get_traced_memory()
+        for window in range(2):
+            gc.collect()
+            start, _ = tracemalloc.get_traced_memory()
+            for _ in range(300):
+                for name, f, args, kw, exc in cases:
+                    run_case(f, args, kw, exc)
+            gc.collect()
+            end, _ = tracemalloc.get_traced_memory()
     finally:
         tracemalloc.stop()
         bnorm.set_num_threads(before_threads)
     assert end - start < 16 * 1024, f"traced memory grew by {end - start} bytes"
+
+
+def asan_loaded():
+    with open("/proc/self/maps") as f:
+        return "libasan" in f.read()
 
 
 def rss_bytes():
@@ -333,6 +341,8 @@ def rss_bytes():
 def test_no_memory_leaks_rss():
     """Large enough to be split into pieces with partial sums (plain malloc, which tracemalloc
     does not see): the process's RSS stays flat over many rounds."""
+    if asan_loaded():
+        pytest.skip("AddressSanitizer keeps freed memory in quarantine: RSS grows by design")
     rng = rng_for("rss")
     x = rng.standard_normal((2048, 128)).astype(F32)  # 1 MiB: pieces with partial sums
     dy = rng.standard_normal((2048, 128)).astype(F32)
