@@ -41,11 +41,6 @@ except ImportError as exc:  # pragma: no cover - depends on the environment
 
 import numpy as np
 
-try:
-    from numpy.lib.array_utils import normalize_axis_tuple
-except ImportError:  # NumPy < 2.0
-    from numpy.core.numeric import normalize_axis_tuple
-
 from .layer import BatchNorm
 from .phases import backward_apply, backward_sums, batch_stats, normalize
 
@@ -201,7 +196,7 @@ class SyncBatchNorm(BatchNorm):
         try:
             if not isinstance(x, np.ndarray):
                 x = np.asarray(x)
-            self._check_x(x)
+            self._check_features(x)
             for name in ("running_mean", "running_var"):
                 if not getattr(self, name).flags.writeable:
                     raise ValueError(f"layer.{name} is read-only")
@@ -238,7 +233,7 @@ class SyncBatchNorm(BatchNorm):
     def _forward_eval(self, x):
         if not isinstance(x, np.ndarray):
             x = np.asarray(x)
-        self._check_x(x)
+        self._check_features(x)
         mean = self.running_mean.astype(np.float64)
         rstd = 1.0 / np.sqrt(self.running_var.astype(np.float64) + self.eps)
         gamma = self.gamma
@@ -321,14 +316,6 @@ class SyncBatchNorm(BatchNorm):
         self._shift = parts[-1].reshape(self.num_features).copy()
 
     # ------------------------------------------------------------------ helpers
-    def _check_x(self, x):
-        axes = normalize_axis_tuple(self.axis, x.ndim)
-        fshape = tuple(x.shape[a] for a in sorted(axes))
-        if fshape != self.num_features:
-            raise ValueError(f"x of shape {x.shape} has feature shape {fshape} at axis="
-                             f"{self.axis!r}, but the layer has num_features="
-                             f"{self.num_features}")
-
     def __repr__(self):
         nf = self.num_features[0] if len(self.num_features) == 1 else self.num_features
         return (f"SyncBatchNorm(<comm of {self.comm.Get_size()} ranks>, {nf!r}, "

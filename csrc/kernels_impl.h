@@ -132,28 +132,41 @@ static BN_INLINE void BN_NAME(reduce)(const bn_block *b, const bn_coefs *c, cons
 }
 
 /* Elementwise: out = ((x - shift) - center) * scale + offset [+ dy * dyscale], in the data's
- * dtype, m <= BN_LANES elements starting at feature f.  All of a tile is loaded before any of it
- * is stored, so out may be x or dy itself (in place) and the loops still vectorize. */
+ * dtype, on `rows` rows of m <= BN_LANES elements starting at feature f (the rows share their
+ * features).  The coefficients are loaded once for all the rows: streaming x and out through L1
+ * evicts them, and reloading them for every row made this pass twice as slow as a copy.  All of a
+ * row's tile is loaded before any of it is stored, so out may be x or dy itself (in place) and
+ * the loops still vectorize. */
 static BN_INLINE void BN_NAME(apply_tile)(
-    npy_intp m, const char *x, npy_intp xs1, const char *dy, npy_intp ds1, char *out,
-    npy_intp os1, npy_intp f, npy_intp fs1, const BN_T *restrict shift,
-    const BN_T *restrict center, const BN_T *restrict scale, const BN_T *restrict offset,
-    const BN_T *restrict dyscale, const int has_dy)
+    npy_intp rows, npy_intp m, const char *x, npy_intp xs0, npy_intp xs1, const char *dy,
+    npy_intp ds0, npy_intp ds1, char *out, npy_intp os0, npy_intp os1, npy_intp f, npy_intp fs1,
+    const BN_T *restrict shift, const BN_T *restrict center, const BN_T *restrict scale,
+    const BN_T *restrict offset, const BN_T *restrict dyscale, const int has_dy)
 {
-    BN_T v[BN_LANES], w[BN_LANES];
-    for (npy_intp l = 0; l < m; l++)
-        v[l] = BN_NAME(load)(x + l * xs1);
-    if (has_dy)
-        for (npy_intp l = 0; l < m; l++)
-            w[l] = BN_NAME(load)(dy + l * ds1);
+    BN_T k[BN_LANES], c[BN_LANES], s[BN_LANES], o[BN_LANES], d[BN_LANES];
     for (npy_intp l = 0; l < m; l++) {
         const npy_intp g = f + l * fs1;
-        v[l] = ((v[l] - shift[g]) - center[g]) * scale[g] + offset[g];
-        if (has_dy)
-            v[l] += w[l] * dyscale[g];
+        k[l] = shift[g];
+        c[l] = center[g];
+        s[l] = scale[g];
+        o[l] = offset[g];
+        d[l] = has_dy ? dyscale[g] : 0;
     }
-    for (npy_intp l = 0; l < m; l++)
-        BN_NAME(store)(out + l * os1, v[l]);
+    for (npy_intp r = 0; r < rows; r++) {
+        BN_T v[BN_LANES], w[BN_LANES];
+        for (npy_intp l = 0; l < m; l++)
+            v[l] = BN_NAME(load)(x + r * xs0 + l * xs1);
+        if (has_dy)
+            for (npy_intp l = 0; l < m; l++)
+                w[l] = BN_NAME(load)(dy + r * ds0 + l * ds1);
+        for (npy_intp l = 0; l < m; l++) {
+            v[l] = ((v[l] - k[l]) - c[l]) * s[l] + o[l];
+            if (has_dy)
+                v[l] += w[l] * d[l];
+        }
+        for (npy_intp l = 0; l < m; l++)
+            BN_NAME(store)(out + r * os0 + l * os1, v[l]);
+    }
 }
 
 static BN_INLINE void BN_NAME(apply_body)(
@@ -165,19 +178,23 @@ static BN_INLINE void BN_NAME(apply_body)(
     const BN_T *shift = (const BN_T *)c->shift, *center = (const BN_T *)c->center;
     const BN_T *scale = (const BN_T *)c->scale, *offset = (const BN_T *)c->offset;
     const BN_T *dyscale = (const BN_T *)c->dyscale;
-    for (npy_intp i = 0; i < n0; i++) {
+    /* rows of the batch (fs0 == 0) share their coefficients: BN_ROWS of them per tile */
+    const npy_intp step = fs0 == 0 ? BN_ROWS : 1;
+    for (npy_intp i = 0; i < n0; i += step) {
+        const npy_intp rows = n0 - i < step ? n0 - i : step;
         const char *xrow = x + i * xs0, *dyrow = dy + i * ds0;
         char *orow = out + i * os0;
         const npy_intp frow = f0 + i * fs0;
         npy_intp j = 0;
+        /* full tiles apart, so that their length is a constant GCC vectorizes */
         for (; j + BN_LANES <= n1; j += BN_LANES)
-            BN_NAME(apply_tile)(BN_LANES, xrow + j * xs1, xs1, dyrow + j * ds1, ds1, orow + j * os1,
-                                os1, frow + j * fs1, fs1, shift, center, scale, offset, dyscale,
-                                has_dy);
+            BN_NAME(apply_tile)(rows, BN_LANES, xrow + j * xs1, xs0, xs1, dyrow + j * ds1, ds0, ds1,
+                                orow + j * os1, os0, os1, frow + j * fs1, fs1, shift, center,
+                                scale, offset, dyscale, has_dy);
         if (j < n1)
-            BN_NAME(apply_tile)(n1 - j, xrow + j * xs1, xs1, dyrow + j * ds1, ds1, orow + j * os1,
-                                os1, frow + j * fs1, fs1, shift, center, scale, offset, dyscale,
-                                has_dy);
+            BN_NAME(apply_tile)(rows, n1 - j, xrow + j * xs1, xs0, xs1, dyrow + j * ds1, ds0, ds1,
+                                orow + j * os1, os0, os1, frow + j * fs1, fs1, shift, center,
+                                scale, offset, dyscale, has_dy);
     }
 }
 
