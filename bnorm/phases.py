@@ -43,7 +43,14 @@ def combine_stats(counts, means, m2s):
     pairwise update, weighted by counts, in worker order (deterministic).  Returns
     ``(count, mean, m2)`` with float64 arrays.
     """
-    counts = np.asarray(counts, dtype=np.int64)
+    given = np.asarray(counts)
+    # element counts: integers (or integral floats, as an Allreduce in float64 delivers them);
+    # 2.5 is a mistake, not 2
+    if not (np.issubdtype(given.dtype, np.integer) or
+            (np.issubdtype(given.dtype, np.floating) and np.all(np.isfinite(given))
+             and np.array_equal(given, np.round(given)))):
+        raise TypeError(f"bnorm: combine_stats needs integer counts, got {given!r}")
+    counts = given.astype(np.int64)
     means = np.asarray(means, dtype=np.float64)
     m2s = np.asarray(m2s, dtype=np.float64)
     if counts.ndim != 1 or means.shape[:1] != counts.shape or m2s.shape != means.shape:

@@ -517,3 +517,20 @@ def test_zero_elements_are_not_an_error_where_nothing_is_reduced():
 def test_combine_stats_bad_input(counts, means, m2s, match):
     assert_raises_untouched(bnorm.combine_stats, dict(counts=counts, means=means, m2s=m2s),
                             ValueError, match)
+
+
+@pytest.mark.parametrize("counts", [[2.5, 1], ["2", 1], [np.nan, 1], [np.inf, 1], [None, 1]])
+def test_combine_stats_counts_must_be_integers(counts):
+    # a fractional count is a mistake: it used to be truncated silently (2.5 -> 2)
+    assert_raises_untouched(bnorm.combine_stats,
+                            dict(counts=counts, means=np.zeros((2, 4)), m2s=np.ones((2, 4))),
+                            TypeError, "integer counts")
+
+
+def test_combine_stats_takes_integral_float_counts():
+    # what an Allreduce of float64 buffers delivers
+    n, mean, m2 = bnorm.combine_stats(np.array([2.0, 3.0]), np.array([[0.0], [5.0]]),
+                                      np.array([[2.0], [8.0]]))
+    assert n == 5 and type(n) is int
+    np.testing.assert_allclose(mean, [3.0])
+    np.testing.assert_allclose(m2, [2.0 + 8.0 + 25.0 * 2 * 3 / 5])
