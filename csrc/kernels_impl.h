@@ -19,13 +19,40 @@ static BN_INLINE void BN_NAME(store)(char *p, BN_T v)
     memcpy(p, &v, sizeof v);
 }
 
+/* Features along the inner dimension: `rows` rows of n1 elements starting at feature f, rows
+ * that have the same features when rows > 1 (batch rows, fs0 == 0).  They are summed in
+ * registers before touching the per-feature sums, each of which costs a load and a store. */
+static BN_INLINE void BN_NAME(reduce_rows)(
+    npy_intp rows, npy_intp n1, const char *x, npy_intp xs0, npy_intp xs1, const char *dy,
+    npy_intp ds0, npy_intp ds1, npy_intp f, npy_intp fs1, const BN_T *restrict shift,
+    double *restrict sum0, double *restrict sum1, double *restrict sum2, const int has_dy)
+{
+    for (npy_intp j = 0; j < n1; j++) {
+        const npy_intp g = f + j * fs1;
+        const double k = (double)shift[g];
+        double s0 = 0, s1 = 0, s2 = 0;
+        for (npy_intp r = 0; r < rows; r++) {
+            const double v = (double)BN_NAME(load)(x + r * xs0 + j * xs1) - k;
+            const double w = has_dy ? (double)BN_NAME(load)(dy + r * ds0 + j * ds1) : v;
+            s0 += w;
+            s1 += w * v;
+            s2 += v;
+        }
+        sum0[g] += s0;
+        sum1[g] += s1;
+        if (has_dy)
+            sum2[g] += s2;
+    }
+}
+
 /* Reductions accumulate in float64 from data shifted by a per-feature value near the mean
  * (shift), which keeps the one-pass variance exact for data far from zero; dy = NULL means the
  * statistics pass, where the "weight" w is the shifted value itself:
  *   sum0 += w,  sum1 += w * (x - shift),  sum2 += x - shift (with dy only).
- * Features along the inner dimension (fs1 != 0) accumulate element by element into the per-feature
- * sums; batch along the inner dimension (fs1 == 0) sums each row in BN_LANES independent lanes
- * first, added in a fixed order, which both vectorizes and shortens the rounding chains. */
+ * Features along the inner dimension (fs1 != 0) accumulate into the per-feature sums, BN_ROWS
+ * batch rows at a time; batch along the inner dimension (fs1 == 0) sums each row in BN_LANES
+ * independent lanes first, added in a fixed order, which both vectorizes and shortens the
+ * rounding chains. */
 static BN_INLINE void BN_NAME(reduce_body)(
     npy_intp n0, npy_intp n1, const char *x, npy_intp xs0, npy_intp xs1, const char *dy,
     npy_intp ds0, npy_intp ds1, npy_intp f0, npy_intp fs0, npy_intp fs1,
@@ -34,42 +61,13 @@ static BN_INLINE void BN_NAME(reduce_body)(
 {
     if (fs1 != 0) {
         npy_intp i = 0;
-        /* Rows of the batch (fs0 == 0) have the same features: sum BN_ROWS of them in registers
-         * before touching the per-feature sums, each of which costs a load and a store. */
-        if (fs0 == 0) {
-            for (; i + BN_ROWS <= n0; i += BN_ROWS) {
-                for (npy_intp j = 0; j < n1; j++) {
-                    const npy_intp f = f0 + j * fs1;
-                    const double k = (double)shift[f];
-                    double s0 = 0, s1 = 0, s2 = 0;
-                    for (npy_intp r = 0; r < BN_ROWS; r++) {
-                        const double v = (double)BN_NAME(load)(x + (i + r) * xs0 + j * xs1) - k;
-                        const double w =
-                            has_dy ? (double)BN_NAME(load)(dy + (i + r) * ds0 + j * ds1) : v;
-                        s0 += w;
-                        s1 += w * v;
-                        s2 += v;
-                    }
-                    sum0[f] += s0;
-                    sum1[f] += s1;
-                    if (has_dy)
-                        sum2[f] += s2;
-                }
-            }
-        }
-        for (; i < n0; i++) {
-            const char *xrow = x + i * xs0, *dyrow = dy + i * ds0;
-            const npy_intp frow = f0 + i * fs0;
-            for (npy_intp j = 0; j < n1; j++) {
-                const npy_intp f = frow + j * fs1;
-                const double v = (double)BN_NAME(load)(xrow + j * xs1) - (double)shift[f];
-                const double w = has_dy ? (double)BN_NAME(load)(dyrow + j * ds1) : v;
-                sum0[f] += w;
-                sum1[f] += w * v;
-                if (has_dy)
-                    sum2[f] += v;
-            }
-        }
+        if (fs0 == 0) /* full groups apart, so that their row count is a constant */
+            for (; i + BN_ROWS <= n0; i += BN_ROWS)
+                BN_NAME(reduce_rows)(BN_ROWS, n1, x + i * xs0, xs0, xs1, dy + i * ds0, ds0, ds1,
+                                     f0, fs1, shift, sum0, sum1, sum2, has_dy);
+        for (; i < n0; i++)
+            BN_NAME(reduce_rows)(1, n1, x + i * xs0, xs0, xs1, dy + i * ds0, ds0, ds1,
+                                 f0 + i * fs0, fs1, shift, sum0, sum1, sum2, has_dy);
         return;
     }
     for (npy_intp i = 0; i < n0; i++) {
