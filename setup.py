@@ -36,8 +36,8 @@ setup(
     ext_modules=[
         Extension(
             "bnorm._bnorm",
-            sources=["csrc/module.c", "csrc/kernels.c"],
-            depends=["csrc/kernels.h", "csrc/kernels_impl.h"],
+            sources=["csrc/module.c", "csrc/kernels.c", "csrc/buffers.c"],
+            depends=["csrc/kernels.h", "csrc/kernels_impl.h", "csrc/buffers.h"],
             include_dirs=[numpy.get_include(), "csrc"],
             define_macros=[("NPY_NO_DEPRECATED_API", "NPY_1_25_API_VERSION")],
             extra_compile_args=compile_args,

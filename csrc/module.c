@@ -9,9 +9,15 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "buffers.h"
 #include "kernels.h"
 
 static PyObject *AxisError; /* numpy.exceptions.AxisError */
+
+/* NumPy's memory handler (NEP 49) over buffers.c, current only while a large output is made. */
+static PyDataMem_Handler buffer_handler = {
+    "bnorm_buffers", 1, {NULL, bn_buffer_malloc, bn_buffer_calloc, bn_buffer_realloc, bn_buffer_free}};
+static PyObject *buffer_handler_capsule;
 
 /* ---- the axes: which are kept (features), how features are numbered ---- */
 
@@ -406,8 +412,23 @@ static PyArrayObject *result_array(PyArrayObject *out, PyArrayObject *x, PyArray
         Py_INCREF(out);
         return out;
     }
+    const int large = (size_t)PyArray_NBYTES(x) >= BN_BUFFER_MIN;
+    PyObject *numpy_handler = large ? PyDataMem_SetHandler(buffer_handler_capsule) : NULL;
+    if (large && !numpy_handler)
+        return NULL;
     Py_INCREF(PyArray_DESCR(x));
-    return (PyArrayObject *)PyArray_NewLikeArray(x, NPY_KEEPORDER, PyArray_DESCR(x), 0);
+    PyArrayObject *result =
+        (PyArrayObject *)PyArray_NewLikeArray(x, NPY_KEEPORDER, PyArray_DESCR(x), 0);
+    if (large) {
+        PyObject *ours = PyDataMem_SetHandler(numpy_handler);
+        Py_DECREF(numpy_handler);
+        if (!ours) {
+            Py_XDECREF(result);
+            return NULL;
+        }
+        Py_DECREF(ours);
+    }
+    return result;
 }
 
 /* ---- one call's state ---- */
@@ -1054,6 +1075,18 @@ static int init_num_threads(void)
     return 0;
 }
 
+static PyObject *bn_py_set_buffer_cache(PyObject *self, PyObject *arg)
+{
+    const Py_ssize_t n = PyNumber_AsSsize_t(arg, PyExc_OverflowError);
+    if (n == -1 && PyErr_Occurred())
+        return NULL;
+    if (n < 0) {
+        PyErr_Format(PyExc_ValueError, "bnorm: the buffer cache size must be >= 0 bytes, got %zd", n);
+        return NULL;
+    }
+    return PyLong_FromSize_t(bn_buffers_set_limit((size_t)n));
+}
+
 static PyMethodDef methods[] = {
     {"forward", (PyCFunction)(void (*)(void))bn_forward, METH_FASTCALL,
      "forward(x, gamma, beta, axis, eps, training, running_mean, running_var, momentum, out)"},
@@ -1071,6 +1104,8 @@ static PyMethodDef methods[] = {
      "get_num_threads() -> int: threads the kernels use."},
     {"set_num_threads", bn_py_set_num_threads, METH_O,
      "set_num_threads(n): let the kernels use n >= 1 threads (all callers, all threads)."},
+    {"set_buffer_cache", bn_py_set_buffer_cache, METH_O,
+     "set_buffer_cache(max_bytes) -> previous max_bytes: freed large outputs kept for reuse."},
     {NULL, NULL, 0, NULL},
 };
 
@@ -1093,6 +1128,13 @@ PyMODINIT_FUNC PyInit__bnorm(void)
     AxisError = PyObject_GetAttrString(exceptions, "AxisError");
     Py_DECREF(exceptions);
     if (!AxisError || init_num_threads() < 0)
+        return NULL;
+    if (bn_buffers_init() != 0) {
+        PyErr_SetString(PyExc_RuntimeError, "bnorm: could not register a fork handler");
+        return NULL;
+    }
+    buffer_handler_capsule = PyCapsule_New(&buffer_handler, "mem_handler", NULL);
+    if (!buffer_handler_capsule)
         return NULL;
     return PyModule_Create(&module);
 }

@@ -1,0 +1,155 @@
+"""The cache of large output buffers (csrc/buffers.c, bnorm.set_buffer_cache): outputs that reuse
+memory are still correct, never alias a live array, behave as ordinary NumPy arrays, and the
+memory kept stays within the limit."""
+import gc
+import os
+import threading
+
+import numpy as np
+import pytest
+
+import bnorm
+
+MIB = 2**20
+get_handler_name = (np._core if hasattr(np, "_core") else np.core).multiarray.get_handler_name
+# float32 (1024, 2048): 8 MiB, above the 4 MiB from which outputs come from the cache
+SHAPE = (1024, 2048)
+
+
+@pytest.fixture
+def data():
+    rng = np.random.default_rng(7)
+    x = (2.0 + rng.standard_normal(SHAPE)).astype(np.float32)
+    dy = rng.standard_normal(SHAPE).astype(np.float32)
+    return x, dy
+
+
+@pytest.fixture(autouse=True)
+def default_limit():
+    previous = bnorm.set_buffer_cache(512 * MIB)
+    yield
+    bnorm.set_buffer_cache(previous)
+
+
+def expected(x, dy):
+    """forward and backward into preallocated arrays: never from the cache"""
+    y = np.empty_like(x)
+    _, mean, rstd = bnorm.forward(x, out=y)
+    dx = np.empty_like(x)
+    bnorm.backward(dy, x, mean, rstd, out=dx)
+    return y, dx
+
+
+def test_a_freed_output_is_reused_and_fully_overwritten(data):
+    x, dy = data
+    y_ref, dx_ref = expected(x, dy)
+    y, mean, rstd = bnorm.forward(x)
+    address = y.ctypes.data
+    y.fill(np.nan)  # what the next output finds in the reused memory
+    del y
+    dx, _, _ = bnorm.backward(dy, x, mean, rstd)
+    assert dx.ctypes.data == address, "the freed output of the same size was not reused"
+    np.testing.assert_array_equal(dx, dx_ref)
+    del dx
+    y, _, _ = bnorm.forward(x)
+    np.testing.assert_array_equal(y, y_ref)
+
+
+def test_live_outputs_never_share_memory(data):
+    x, dy = data
+    y_ref, dx_ref = expected(x, dy)
+    live = []
+    for _ in range(5):
+        y, mean, rstd = bnorm.forward(x)
+        dx, _, _ = bnorm.backward(dy, x, mean, rstd)
+        live += [y, dx]
+    assert len({a.ctypes.data for a in live}) == len(live)
+    for y, dx in zip(live[::2], live[1::2]):
+        np.testing.assert_array_equal(y, y_ref)
+        np.testing.assert_array_equal(dx, dx_ref)
+
+
+@pytest.mark.parametrize("order", ["C", "F"])
+def test_cached_outputs_are_ordinary_arrays(data, order):
+    x = np.asarray(data[0], order=order)
+    y, _, _ = bnorm.forward(x)
+    assert get_handler_name(y) == "bnorm_buffers"
+    assert y.flags.owndata and y.base is None and y.flags.writeable
+    assert y.flags.c_contiguous == x.flags.c_contiguous
+    assert y.flags.f_contiguous == x.flags.f_contiguous
+    assert y.ctypes.data % 64 == 0
+    first = y.ravel(order="K")[:1000].copy()
+    y.resize((y.size + 3,), refcheck=False)  # NumPy's realloc through the cache's handler
+    np.testing.assert_array_equal(y[:1000], first)
+    y.resize((10,), refcheck=False)
+    np.testing.assert_array_equal(y, first[:10])
+
+
+def test_small_outputs_do_not_use_the_cache():
+    x = np.ones((64, 64), np.float32)
+    y, mean, _ = bnorm.forward(x)
+    assert get_handler_name(y) == get_handler_name(mean) == get_handler_name(x)
+
+
+def test_set_buffer_cache_returns_the_previous_limit_and_checks_its_argument():
+    assert bnorm.set_buffer_cache(0) == 512 * MIB
+    assert bnorm.set_buffer_cache(123) == 0
+    with pytest.raises(ValueError, match=">= 0"):
+        bnorm.set_buffer_cache(-1)
+    with pytest.raises(TypeError):
+        bnorm.set_buffer_cache(1.5)
+    assert bnorm.set_buffer_cache(512 * MIB) == 123
+
+
+def rss_bytes():
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/statm"), reason="needs Linux's /proc")
+def test_kept_memory_stays_within_the_limit():
+    """Outputs of 12 sizes between 33 and 62 MiB (glibc maps and unmaps blocks that large itself,
+    so RSS shows what the cache keeps), freed at once: with a 100 MiB limit at most 100 MiB stay
+    (no limit would keep all 12, 570 MiB); after set_buffer_cache(0), none."""
+    if "libasan" in open("/proc/self/maps").read():
+        pytest.skip("AddressSanitizer keeps freed memory in quarantine: RSS grows by design")
+    bnorm.set_buffer_cache(0)
+    row = np.ones(1024, np.float32)
+    xs = [np.broadcast_to(row, (n, 1024)) for n in range(8448, 16384, 660)]  # no memory
+    gc.collect()
+    start = rss_bytes()
+    bnorm.set_buffer_cache(100 * MIB)
+    for _ in range(2):
+        for x in xs:
+            bnorm.forward(x)
+    gc.collect()
+    kept = rss_bytes() - start
+    assert 33 * MIB <= kept <= 100 * MIB + 4 * MIB, f"{kept / MIB:.1f} MiB kept"
+    bnorm.set_buffer_cache(0)
+    released = rss_bytes() - start
+    assert released < 4 * MIB, f"{released / MIB:.1f} MiB still kept"
+
+
+def test_threads_allocating_and_freeing_outputs_get_the_right_bits(data):
+    x, dy = data
+    y_ref, dx_ref = expected(x, dy)
+    bnorm.set_buffer_cache(3 * 8 * MIB)  # fewer buffers than threads want: they evict and reuse
+    errors = []
+
+    def work():
+        try:
+            for _ in range(10):
+                y, mean, rstd = bnorm.forward(x)
+                dx, _, _ = bnorm.backward(dy, x, mean, rstd)
+                if not (np.array_equal(y, y_ref) and np.array_equal(dx, dx_ref)):
+                    errors.append("wrong bits")
+        except BaseException as e:  # reported below
+            errors.append(repr(e))
+
+    threads = [threading.Thread(target=work) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(120)
+    assert not any(t.is_alive() for t in threads)
+    assert not errors, errors
