@@ -14,6 +14,10 @@
 #define BN_INLINE inline __attribute__((always_inline))
 #define BN_LANES 16
 #define BN_ROWS 4
+/* Row lengths in bytes between which passes walk rows one at a time (see rows_per_group). */
+#define BN_SHORT_ROW_REDUCE 256
+#define BN_SHORT_ROW_APPLY 128
+#define BN_LONG_ROW 4096
 
 /* One build runs on any x86-64: the kernels are compiled for AVX-512, AVX2+FMA and baseline, and
  * the loader picks the best the CPU has. */
