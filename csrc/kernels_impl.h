@@ -29,7 +29,7 @@ static BN_INLINE void BN_NAME(store)(char *p, BN_T v)
 static BN_INLINE npy_intp BN_NAME(rows_per_group)(npy_intp n1, npy_intp short_row)
 {
     const npy_intp row_bytes = n1 * (npy_intp)sizeof(BN_T);
-    return row_bytes <= short_row || row_bytes > BN_LONG_ROW ? BN_ROWS : 1;
+    return row_bytes <= short_row || row_bytes >= BN_LONG_ROW ? BN_ROWS : 1;
 }
 
 /* Features along the inner dimension: `rows` rows of n1 elements starting at feature f, rows
