@@ -14,8 +14,9 @@
 #define BN_INLINE inline __attribute__((always_inline))
 #define BN_LANES 16
 #define BN_ROWS 4
-/* Row lengths in bytes: passes walk rows longer than the short ones and shorter than the long ones
- * one at a time (see rows_per_group). */
+/* Bytes: blocks larger than BN_STREAMED, of rows longer than the short ones and shorter than the
+ * long ones, are walked one row at a time (see rows_per_group). */
+#define BN_STREAMED ((npy_intp)256 << 10)
 #define BN_SHORT_ROW_REDUCE 256
 #define BN_SHORT_ROW_APPLY 128
 #define BN_LONG_ROW 4096

@@ -19,17 +19,19 @@ static BN_INLINE void BN_NAME(store)(char *p, BN_T v)
     memcpy(p, &v, sizeof v);
 }
 
-/* How many batch rows (rows sharing their features) a pass walks side by side.  Side by side, a
- * feature's sums or coefficients are loaded once per group instead of once per row, but memory is
- * read in BN_ROWS interleaved streams, which the prefetchers of the machine we measured (AMD
- * EPYC) follow well only when a group spans a few cache lines (short rows) or when each row is a
- * long stream of its own.  In between, one row after another is faster: normalize on 1 KiB rows
- * 11 -> 23 GB/s, statistics 9 -> 13 GB/s.  The reductions keep groups up to longer rows: a sum
- * updated every row is a chain of dependent adds. */
-static BN_INLINE npy_intp BN_NAME(rows_per_group)(npy_intp n1, npy_intp short_row)
+/* How many of a block's n0 batch rows (rows sharing their features) a pass walks side by side.
+ * Side by side, a feature's sums or coefficients are loaded once per group instead of once per
+ * row, which is what counts while the data is in cache.  But memory is then read in BN_ROWS
+ * interleaved streams, which the prefetchers of the machine we measured (AMD EPYC) follow well
+ * only when a group spans a few cache lines (short rows) or when each row is a long stream of
+ * its own.  So a block of more than BN_STREAMED bytes with rows in between goes one row after
+ * another: normalize on 1 KiB rows 11 -> 23 GB/s, statistics 9 -> 13 GB/s.  The reductions
+ * keep groups up to longer rows: a sum updated every row is a chain of dependent adds. */
+static BN_INLINE npy_intp BN_NAME(rows_per_group)(npy_intp n0, npy_intp n1, npy_intp short_row)
 {
     const npy_intp row_bytes = n1 * (npy_intp)sizeof(BN_T);
-    return row_bytes <= short_row || row_bytes >= BN_LONG_ROW ? BN_ROWS : 1;
+    const int streamed = n0 * row_bytes > BN_STREAMED;
+    return !streamed || row_bytes <= short_row || row_bytes >= BN_LONG_ROW ? BN_ROWS : 1;
 }
 
 /* Features along the inner dimension: `rows` rows of n1 elements starting at feature f, rows
@@ -75,7 +77,7 @@ static BN_INLINE void BN_NAME(reduce_body)(
     if (fs1 != 0) {
         npy_intp i = 0;
         /* full groups apart, so that their row count is a constant */
-        if (fs0 == 0 && BN_NAME(rows_per_group)(n1, BN_SHORT_ROW_REDUCE) == BN_ROWS)
+        if (fs0 == 0 && BN_NAME(rows_per_group)(n0, n1, BN_SHORT_ROW_REDUCE) == BN_ROWS)
             for (; i + BN_ROWS <= n0; i += BN_ROWS)
                 BN_NAME(reduce_rows)(BN_ROWS, n1, x + i * xs0, xs0, xs1, dy + i * ds0, ds0, ds1,
                                      f0, fs1, shift, sum0, sum1, sum2, has_dy);
@@ -191,7 +193,7 @@ static BN_INLINE void BN_NAME(apply_body)(
     const BN_T *scale = (const BN_T *)c->scale, *offset = (const BN_T *)c->offset;
     const BN_T *dyscale = (const BN_T *)c->dyscale;
     /* rows of the batch (fs0 == 0) share their coefficients: a group of them per tile */
-    const npy_intp step = fs0 == 0 ? BN_NAME(rows_per_group)(n1, BN_SHORT_ROW_APPLY) : 1;
+    const npy_intp step = fs0 == 0 ? BN_NAME(rows_per_group)(n0, n1, BN_SHORT_ROW_APPLY) : 1;
     for (npy_intp i = 0; i < n0; i += step) {
         const npy_intp rows = n0 - i < step ? n0 - i : step;
         const char *xrow = x + i * xs0, *dyrow = dy + i * ds0;
