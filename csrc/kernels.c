@@ -13,9 +13,10 @@
 
 #define BN_INLINE inline __attribute__((always_inline))
 #define BN_LANES 16
-#define BN_ROWS 4
-/* Bytes: blocks larger than BN_STREAMED, of rows longer than the short ones and shorter than the
- * long ones, are walked one row at a time (see rows_per_group). */
+#define BN_ROWS 4       /* batch rows side by side in a reduction */
+#define BN_APPLY_ROWS 2 /* and in an elementwise pass */
+/* Bytes: blocks larger than BN_STREAMED, of rows longer than the short ones and shorter than
+ * BN_LONG_ROW, are walked one row at a time (see rows_one_by_one). */
 #define BN_STREAMED ((npy_intp)256 << 10)
 #define BN_SHORT_ROW_REDUCE 256
 #define BN_SHORT_ROW_APPLY 128

@@ -19,19 +19,18 @@ static BN_INLINE void BN_NAME(store)(char *p, BN_T v)
     memcpy(p, &v, sizeof v);
 }
 
-/* How many of a block's n0 batch rows (rows sharing their features) a pass walks side by side.
- * Side by side, a feature's sums or coefficients are loaded once per group instead of once per
- * row, which is what counts while the data is in cache.  But memory is then read in BN_ROWS
- * interleaved streams, which the prefetchers of the machine we measured (AMD EPYC) follow well
- * only when a group spans a few cache lines (short rows) or when each row is a long stream of
- * its own.  So a block of more than BN_STREAMED bytes with rows in between goes one row after
- * another: normalize on 1 KiB rows 11 -> 23 GB/s, statistics 9 -> 13 GB/s.  The reductions
- * keep groups up to longer rows: a sum updated every row is a chain of dependent adds. */
-static BN_INLINE npy_intp BN_NAME(rows_per_group)(npy_intp n0, npy_intp n1, npy_intp short_row)
+/* Whether a pass walks a block's n0 batch rows (rows sharing their features) one after another
+ * rather than a group of them side by side.  Side by side, a feature's sums or coefficients are
+ * loaded once per group instead of once per row, which is what counts while the data is in cache.
+ * But memory is then read in interleaved streams, which the prefetchers of the machine we
+ * measured (AMD EPYC) follow well only when a group spans a few cache lines (rows up to
+ * short_row bytes) or when each row is a long stream of its own.  In between, a block of more
+ * than BN_STREAMED bytes goes one row after another: normalize on 1 KiB rows 11 -> 23 GB/s,
+ * statistics 9 -> 13 GB/s. */
+static BN_INLINE int BN_NAME(rows_one_by_one)(npy_intp n0, npy_intp n1, npy_intp short_row)
 {
     const npy_intp row_bytes = n1 * (npy_intp)sizeof(BN_T);
-    const int streamed = n0 * row_bytes > BN_STREAMED;
-    return !streamed || row_bytes <= short_row || row_bytes >= BN_LONG_ROW ? BN_ROWS : 1;
+    return row_bytes > short_row && row_bytes < BN_LONG_ROW && n0 * row_bytes > BN_STREAMED;
 }
 
 /* Features along the inner dimension: `rows` rows of n1 elements starting at feature f, rows
@@ -77,7 +76,7 @@ static BN_INLINE void BN_NAME(reduce_body)(
     if (fs1 != 0) {
         npy_intp i = 0;
         /* full groups apart, so that their row count is a constant */
-        if (fs0 == 0 && BN_NAME(rows_per_group)(n0, n1, BN_SHORT_ROW_REDUCE) == BN_ROWS)
+        if (fs0 == 0 && !BN_NAME(rows_one_by_one)(n0, n1, BN_SHORT_ROW_REDUCE))
             for (; i + BN_ROWS <= n0; i += BN_ROWS)
                 BN_NAME(reduce_rows)(BN_ROWS, n1, x + i * xs0, xs0, xs1, dy + i * ds0, ds0, ds1,
                                      f0, fs1, shift, sum0, sum1, sum2, has_dy);
@@ -192,8 +191,12 @@ static BN_INLINE void BN_NAME(apply_body)(
     const BN_T *shift = (const BN_T *)c->shift, *center = (const BN_T *)c->center;
     const BN_T *scale = (const BN_T *)c->scale, *offset = (const BN_T *)c->offset;
     const BN_T *dyscale = (const BN_T *)c->dyscale;
-    /* rows of the batch (fs0 == 0) share their coefficients: a group of them per tile */
-    const npy_intp step = fs0 == 0 ? BN_NAME(rows_per_group)(n0, n1, BN_SHORT_ROW_APPLY) : 1;
+    /* Rows of the batch (fs0 == 0) share their coefficients: a group of them per tile.  Groups
+     * of 2 rows, not BN_ROWS: x, dy and out in each of 4 rows a multiple of 4 KiB apart are 12
+     * lines in one set of an 8-way L1, which evict each other (float64 with 1024 features, in
+     * cache: normalize 197 -> 95 us, backward_apply 360 -> 133 us). */
+    const npy_intp step =
+        fs0 == 0 && !BN_NAME(rows_one_by_one)(n0, n1, BN_SHORT_ROW_APPLY) ? BN_APPLY_ROWS : 1;
     for (npy_intp i = 0; i < n0; i += step) {
         const npy_intp rows = n0 - i < step ? n0 - i : step;
         const char *xrow = x + i * xs0, *dyrow = dy + i * ds0;
