@@ -15,9 +15,10 @@
 #define BN_LANES 16
 #define BN_ROWS 4       /* batch rows side by side in a reduction */
 #define BN_APPLY_ROWS 2 /* and in an elementwise pass */
-/* Bytes: blocks larger than BN_STREAMED, of rows longer than the short ones and shorter than
- * BN_LONG_ROW, are walked one row at a time (see rows_one_by_one). */
-#define BN_STREAMED ((npy_intp)256 << 10)
+/* Bytes: passes over more than BN_STREAMED bytes (more than this machine's L2 caches hold), of
+ * rows longer than the short ones and shorter than BN_LONG_ROW, walk rows one at a time (see
+ * rows_one_by_one). */
+#define BN_STREAMED ((npy_intp)4 << 20)
 #define BN_SHORT_ROW_REDUCE 256
 #define BN_SHORT_ROW_APPLY 128
 #define BN_LONG_ROW 4096
@@ -389,6 +390,7 @@ static void run_piece(const bn_plan *p, bn_kernel kernel, const bn_coefs *c, npy
     b.n1 = extent[nd - 1];
     b.fs0 = p->fstride[nd - 2];
     b.fs1 = p->fstride[nd - 1];
+    b.pass_size = p->size;
     for (npy_intp k = 0; k < p->nops; k++) {
         b.s0[k] = p->stride[k][nd - 2];
         b.s1[k] = p->stride[k][nd - 1];

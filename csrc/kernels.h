@@ -41,6 +41,7 @@ typedef struct {
     char *ptr[BN_MAXOPS];
     npy_intp s0[BN_MAXOPS], s1[BN_MAXOPS];
     npy_intp f0, fs0, fs1;
+    npy_intp pass_size; /* elements in the whole pass (whether they stay in cache) */
 } bn_block;
 
 /* Per-feature vectors a pass reads (in the data's dtype) or fills (acc, float64, BN_NACC * nfeat).

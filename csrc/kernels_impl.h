@@ -19,18 +19,19 @@ static BN_INLINE void BN_NAME(store)(char *p, BN_T v)
     memcpy(p, &v, sizeof v);
 }
 
-/* Whether a pass walks a block's n0 batch rows (rows sharing their features) one after another
- * rather than a group of them side by side.  Side by side, a feature's sums or coefficients are
- * loaded once per group instead of once per row, which is what counts while the data is in cache.
- * But memory is then read in interleaved streams, which the prefetchers of the machine we
- * measured (AMD EPYC) follow well only when a group spans a few cache lines (rows up to
- * short_row bytes) or when each row is a long stream of its own.  In between, a block of more
- * than BN_STREAMED bytes goes one row after another: normalize on 1 KiB rows 11 -> 23 GB/s,
+/* Whether a pass walks a block's batch rows (rows of n1 elements sharing their features) one
+ * after another rather than a group of them side by side.  Side by side, a feature's sums or
+ * coefficients are loaded once per group instead of once per row, which is what counts while the
+ * data is in cache.  But memory is then read in interleaved streams, which the prefetchers of
+ * the machine we measured (AMD EPYC) follow well only when a group spans a few cache lines (rows
+ * up to short_row bytes) or when each row is a long stream of its own.  In between, a pass over
+ * more than BN_STREAMED bytes goes one row after another: normalize on 1 KiB rows 11 -> 23 GB/s,
  * statistics 9 -> 13 GB/s. */
-static BN_INLINE int BN_NAME(rows_one_by_one)(npy_intp n0, npy_intp n1, npy_intp short_row)
+static BN_INLINE int BN_NAME(rows_one_by_one)(const bn_block *b, npy_intp short_row)
 {
-    const npy_intp row_bytes = n1 * (npy_intp)sizeof(BN_T);
-    return row_bytes > short_row && row_bytes < BN_LONG_ROW && n0 * row_bytes > BN_STREAMED;
+    const npy_intp row_bytes = b->n1 * (npy_intp)sizeof(BN_T);
+    return row_bytes > short_row && row_bytes < BN_LONG_ROW &&
+           b->pass_size > BN_STREAMED / (npy_intp)sizeof(BN_T);
 }
 
 /* Features along the inner dimension: `rows` rows of n1 elements starting at feature f, rows
@@ -64,19 +65,19 @@ static BN_INLINE void BN_NAME(reduce_rows)(
  * statistics pass, where the "weight" w is the shifted value itself:
  *   sum0 += w,  sum1 += w * (x - shift),  sum2 += x - shift (with dy only).
  * Features along the inner dimension (fs1 != 0) accumulate into the per-feature sums, BN_ROWS
- * batch rows at a time; batch along the inner dimension (fs1 == 0) sums each row in BN_LANES
+ * batch rows at a time when grouped (rows of the batch, fs0 == 0, see rows_one_by_one); batch along the inner dimension (fs1 == 0) sums each row in BN_LANES
  * independent lanes first, added in a fixed order, which both vectorizes and shortens the
  * rounding chains. */
 static BN_INLINE void BN_NAME(reduce_body)(
     npy_intp n0, npy_intp n1, const char *x, npy_intp xs0, npy_intp xs1, const char *dy,
     npy_intp ds0, npy_intp ds1, npy_intp f0, npy_intp fs0, npy_intp fs1,
     const BN_T *restrict shift, double *restrict sum0, double *restrict sum1,
-    double *restrict sum2, const int has_dy)
+    double *restrict sum2, const int grouped, const int has_dy)
 {
     if (fs1 != 0) {
         npy_intp i = 0;
         /* full groups apart, so that their row count is a constant */
-        if (fs0 == 0 && !BN_NAME(rows_one_by_one)(n0, n1, BN_SHORT_ROW_REDUCE))
+        if (grouped)
             for (; i + BN_ROWS <= n0; i += BN_ROWS)
                 BN_NAME(reduce_rows)(BN_ROWS, n1, x + i * xs0, xs0, xs1, dy + i * ds0, ds0, ds1,
                                      f0, fs1, shift, sum0, sum1, sum2, has_dy);
@@ -133,15 +134,16 @@ static BN_INLINE void BN_NAME(reduce)(const bn_block *b, const bn_coefs *c, cons
     const npy_intp xs0 = b->s0[0], ds0 = b->s0[op_dy];
     const npy_intp isz = (npy_intp)sizeof(BN_T);
     const int contiguous = b->s1[0] == isz && b->s1[op_dy] == isz;
+    const int grouped = b->fs0 == 0 && !BN_NAME(rows_one_by_one)(b, BN_SHORT_ROW_REDUCE);
     if (contiguous && b->fs1 == 1)
         BN_NAME(reduce_body)(b->n0, b->n1, x, xs0, isz, dy, ds0, isz, b->f0, b->fs0, 1, shift,
-                             sum0, sum1, sum2, has_dy);
+                             sum0, sum1, sum2, grouped, has_dy);
     else if (contiguous && b->fs1 == 0)
         BN_NAME(reduce_body)(b->n0, b->n1, x, xs0, isz, dy, ds0, isz, b->f0, b->fs0, 0, shift,
-                             sum0, sum1, sum2, has_dy);
+                             sum0, sum1, sum2, grouped, has_dy);
     else
         BN_NAME(reduce_body)(b->n0, b->n1, x, xs0, b->s1[0], dy, ds0, b->s1[op_dy], b->f0,
-                             b->fs0, b->fs1, shift, sum0, sum1, sum2, has_dy);
+                             b->fs0, b->fs1, shift, sum0, sum1, sum2, grouped, has_dy);
 }
 
 /* Elementwise: out = ((x - shift) - center) * scale + offset [+ dy * dyscale], in the data's
@@ -185,18 +187,17 @@ static BN_INLINE void BN_NAME(apply_tile)(
 static BN_INLINE void BN_NAME(apply_body)(
     npy_intp n0, npy_intp n1, const char *x, npy_intp xs0, npy_intp xs1, const char *dy,
     npy_intp ds0, npy_intp ds1, char *out, npy_intp os0, npy_intp os1, npy_intp f0, npy_intp fs0,
-    npy_intp fs1, const bn_coefs *c, const int has_dy)
+    npy_intp fs1, const bn_coefs *c, const int grouped, const int has_dy)
 {
     /* in locals: a store through out (a char *) would otherwise make GCC reload them */
     const BN_T *shift = (const BN_T *)c->shift, *center = (const BN_T *)c->center;
     const BN_T *scale = (const BN_T *)c->scale, *offset = (const BN_T *)c->offset;
     const BN_T *dyscale = (const BN_T *)c->dyscale;
-    /* Rows of the batch (fs0 == 0) share their coefficients: a group of them per tile.  Groups
-     * of 2 rows, not BN_ROWS: x, dy and out in each of 4 rows a multiple of 4 KiB apart are 12
-     * lines in one set of an 8-way L1, which evict each other (float64 with 1024 features, in
-     * cache: normalize 197 -> 95 us, backward_apply 360 -> 133 us). */
-    const npy_intp step =
-        fs0 == 0 && !BN_NAME(rows_one_by_one)(n0, n1, BN_SHORT_ROW_APPLY) ? BN_APPLY_ROWS : 1;
+    /* Grouped rows share their coefficients: a group of them per tile.  Groups of 2 rows, not
+     * BN_ROWS: x, dy and out in each of 4 rows a multiple of 4 KiB apart are 12 lines in one set
+     * of an 8-way L1, which evict each other (float64 with 1024 features, in cache: normalize
+     * 197 -> 95 us, backward_apply 360 -> 133 us). */
+    const npy_intp step = grouped ? BN_APPLY_ROWS : 1;
     for (npy_intp i = 0; i < n0; i += step) {
         const npy_intp rows = n0 - i < step ? n0 - i : step;
         const char *xrow = x + i * xs0, *dyrow = dy + i * ds0;
@@ -222,15 +223,17 @@ static BN_INLINE void BN_NAME(apply)(const bn_block *b, const bn_coefs *c, const
     char *out = b->ptr[op_out];
     const npy_intp isz = (npy_intp)sizeof(BN_T);
     const int contiguous = b->s1[0] == isz && b->s1[op_dy] == isz && b->s1[op_out] == isz;
+    const int grouped = b->fs0 == 0 && !BN_NAME(rows_one_by_one)(b, BN_SHORT_ROW_APPLY);
     if (contiguous && b->fs1 == 1)
         BN_NAME(apply_body)(b->n0, b->n1, x, b->s0[0], isz, dy, b->s0[op_dy], isz, out,
-                            b->s0[op_out], isz, b->f0, b->fs0, 1, c, has_dy);
+                            b->s0[op_out], isz, b->f0, b->fs0, 1, c, grouped, has_dy);
     else if (contiguous && b->fs1 == 0)
         BN_NAME(apply_body)(b->n0, b->n1, x, b->s0[0], isz, dy, b->s0[op_dy], isz, out,
-                            b->s0[op_out], isz, b->f0, b->fs0, 0, c, has_dy);
+                            b->s0[op_out], isz, b->f0, b->fs0, 0, c, grouped, has_dy);
     else
         BN_NAME(apply_body)(b->n0, b->n1, x, b->s0[0], b->s1[0], dy, b->s0[op_dy], b->s1[op_dy],
-                            out, b->s0[op_out], b->s1[op_out], b->f0, b->fs0, b->fs1, c, has_dy);
+                            out, b->s0[op_out], b->s1[op_out], b->f0, b->fs0, b->fs1, c, grouped,
+                            has_dy);
 }
 
 /* The entry points: each is compiled for several instruction sets and picked at load time. */
