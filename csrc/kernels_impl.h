@@ -65,9 +65,9 @@ static BN_INLINE void BN_NAME(reduce_rows)(
  * statistics pass, where the "weight" w is the shifted value itself:
  *   sum0 += w,  sum1 += w * (x - shift),  sum2 += x - shift (with dy only).
  * Features along the inner dimension (fs1 != 0) accumulate into the per-feature sums, BN_ROWS
- * batch rows at a time when grouped (rows of the batch, fs0 == 0, see rows_one_by_one); batch along the inner dimension (fs1 == 0) sums each row in BN_LANES
- * independent lanes first, added in a fixed order, which both vectorizes and shortens the
- * rounding chains. */
+ * batch rows at a time when grouped (rows of the batch, see rows_one_by_one); batch along the
+ * inner dimension (fs1 == 0) sums each row in BN_LANES independent lanes first, added in a fixed
+ * order, which both vectorizes and shortens the rounding chains. */
 static BN_INLINE void BN_NAME(reduce_body)(
     npy_intp n0, npy_intp n1, const char *x, npy_intp xs0, npy_intp xs1, const char *dy,
     npy_intp ds0, npy_intp ds1, npy_intp f0, npy_intp fs0, npy_intp fs1,
