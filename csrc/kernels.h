@@ -45,11 +45,11 @@ typedef struct {
 } bn_block;
 
 /* Per-feature vectors a pass reads (in the data's dtype) or fills (acc, float64, BN_NACC * nfeat).
- * The elementwise passes compute  out = ((x - shift) - center) * scale + offset [+ dy * dyscale]:
- * shift + center is the mean split in two parts, so that x - shift is exact for data far from
- * zero and the small center keeps the mean's low bits. */
+ * The elementwise passes compute  out = (x - shift) * scale + offset [+ dy * dyscale]: shift is
+ * the mean rounded to the data's dtype, so that x - shift is exact for data near the mean, also
+ * far from zero; the mean's low bits, which the dtype cannot hold, are folded into offset. */
 typedef struct {
-    const void *shift, *center, *scale, *offset, *dyscale;
+    const void *shift, *scale, *offset, *dyscale;
     double *acc;
     npy_intp nfeat;
 } bn_coefs;
@@ -61,8 +61,8 @@ typedef void (*bn_kernel)(const bn_block *block, const bn_coefs *coefs);
 typedef struct {
     bn_kernel stats;     /* SUM0 += x - shift, SUM1 += (x - shift)^2 */
     bn_kernel bwd_sums;  /* SUM0 += dy, SUM1 += dy * (x - shift), SUM2 += x - shift */
-    bn_kernel normalize; /* out = ((x - shift) - center) * scale + offset */
-    bn_kernel bwd_apply; /* out = ((x - shift) - center) * scale + offset + dy * dyscale */
+    bn_kernel normalize; /* out = (x - shift) * scale + offset */
+    bn_kernel bwd_apply; /* out = (x - shift) * scale + offset + dy * dyscale */
     size_t itemsize;
 } bn_dtype_kernels;
 

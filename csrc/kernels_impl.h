@@ -146,7 +146,7 @@ static BN_INLINE void BN_NAME(reduce)(const bn_block *b, const bn_coefs *c, cons
                              b->fs0, b->fs1, shift, sum0, sum1, sum2, grouped, has_dy);
 }
 
-/* Elementwise: out = ((x - shift) - center) * scale + offset [+ dy * dyscale], in the data's
+/* Elementwise: out = (x - shift) * scale + offset [+ dy * dyscale], in the data's
  * dtype, on `rows` rows of m <= BN_LANES elements starting at feature f (the rows share their
  * features).  The coefficients are loaded once for all the rows: streaming x and out through L1
  * evicts them, and reloading them for every row made this pass twice as slow as a copy.  All of a
@@ -155,14 +155,13 @@ static BN_INLINE void BN_NAME(reduce)(const bn_block *b, const bn_coefs *c, cons
 static BN_INLINE void BN_NAME(apply_tile)(
     npy_intp rows, npy_intp m, const char *x, npy_intp xs0, npy_intp xs1, const char *dy,
     npy_intp ds0, npy_intp ds1, char *out, npy_intp os0, npy_intp os1, npy_intp f, npy_intp fs1,
-    const BN_T *restrict shift, const BN_T *restrict center, const BN_T *restrict scale,
-    const BN_T *restrict offset, const BN_T *restrict dyscale, const int has_dy)
+    const BN_T *restrict shift, const BN_T *restrict scale, const BN_T *restrict offset,
+    const BN_T *restrict dyscale, const int has_dy)
 {
-    BN_T k[BN_LANES], c[BN_LANES], s[BN_LANES], o[BN_LANES], d[BN_LANES];
+    BN_T k[BN_LANES], s[BN_LANES], o[BN_LANES], d[BN_LANES];
     for (npy_intp l = 0; l < m; l++) {
         const npy_intp g = f + l * fs1;
         k[l] = shift[g];
-        c[l] = center[g];
         s[l] = scale[g];
         o[l] = offset[g];
         d[l] = has_dy ? dyscale[g] : 0;
@@ -175,7 +174,7 @@ static BN_INLINE void BN_NAME(apply_tile)(
             for (npy_intp l = 0; l < m; l++)
                 w[l] = BN_NAME(load)(dy + r * ds0 + l * ds1);
         for (npy_intp l = 0; l < m; l++) {
-            v[l] = ((v[l] - k[l]) - c[l]) * s[l] + o[l];
+            v[l] = (v[l] - k[l]) * s[l] + o[l];
             if (has_dy)
                 v[l] += w[l] * d[l];
         }
@@ -190,8 +189,8 @@ static BN_INLINE void BN_NAME(apply_body)(
     npy_intp fs1, const bn_coefs *c, const int grouped, const int has_dy)
 {
     /* in locals: a store through out (a char *) would otherwise make GCC reload them */
-    const BN_T *shift = (const BN_T *)c->shift, *center = (const BN_T *)c->center;
-    const BN_T *scale = (const BN_T *)c->scale, *offset = (const BN_T *)c->offset;
+    const BN_T *shift = (const BN_T *)c->shift, *scale = (const BN_T *)c->scale;
+    const BN_T *offset = (const BN_T *)c->offset;
     const BN_T *dyscale = (const BN_T *)c->dyscale;
     /* Grouped rows share their coefficients: a group of them per tile.  Groups of 2 rows, not
      * BN_ROWS: x, dy and out in each of 4 rows a multiple of 4 KiB apart are 12 lines in one set
@@ -207,12 +206,12 @@ static BN_INLINE void BN_NAME(apply_body)(
         /* full tiles apart, so that their length is a constant GCC vectorizes */
         for (; j + BN_LANES <= n1; j += BN_LANES)
             BN_NAME(apply_tile)(rows, BN_LANES, xrow + j * xs1, xs0, xs1, dyrow + j * ds1, ds0, ds1,
-                                orow + j * os1, os0, os1, frow + j * fs1, fs1, shift, center,
-                                scale, offset, dyscale, has_dy);
+                                orow + j * os1, os0, os1, frow + j * fs1, fs1, shift, scale,
+                                offset, dyscale, has_dy);
         if (j < n1)
             BN_NAME(apply_tile)(rows, n1 - j, xrow + j * xs1, xs0, xs1, dyrow + j * ds1, ds0, ds1,
-                                orow + j * os1, os0, os1, frow + j * fs1, fs1, shift, center,
-                                scale, offset, dyscale, has_dy);
+                                orow + j * os1, os0, os1, frow + j * fs1, fs1, shift, scale,
+                                offset, dyscale, has_dy);
     }
 }
 

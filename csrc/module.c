@@ -438,7 +438,7 @@ typedef struct {
     double *gamma, *beta, *mean, *var, *rstd;
     double *resid; /* mean minus shift: the low part the data's dtype cannot hold */
     double *acc;   /* BN_NACC * nfeat reduction sums */
-    char *shift, *center, *scale, *offset, *dyscale; /* in the data's dtype */
+    char *shift, *scale, *offset, *dyscale; /* in the data's dtype */
     void *block;
 } scratch;
 
@@ -463,7 +463,7 @@ static void call_clear(call *c)
 static int scratch_alloc(scratch *s, npy_intp nfeat, size_t itemsize)
 {
     const size_t n = (size_t)(nfeat ? nfeat : 1);
-    enum { NDOUBLES = 6 + BN_NACC, NTYPED = 5 };
+    enum { NDOUBLES = 6 + BN_NACC, NTYPED = 4 };
     s->block = PyMem_Calloc(n, NDOUBLES * sizeof(double) + NTYPED * itemsize);
     if (!s->block) {
         PyErr_NoMemory();
@@ -475,7 +475,7 @@ static int scratch_alloc(scratch *s, npy_intp nfeat, size_t itemsize)
         *vectors[i] = d + i * n;
     s->acc = d + 6 * n;
     char *t = (char *)(d + NDOUBLES * n);
-    char **typed[] = {&s->shift, &s->center, &s->scale, &s->offset, &s->dyscale};
+    char **typed[] = {&s->shift, &s->scale, &s->offset, &s->dyscale};
     for (size_t i = 0; i < NTYPED; i++)
         *typed[i] = t + i * n * itemsize;
     return 0;
@@ -582,8 +582,8 @@ static int run_pass(const call *c, bn_kernel kernel, const bn_coefs *coefs, npy_
 
 /* ---- the steps: each runs without the GIL and returns 0, or -1 when out of memory ---- */
 
-/* Split each mean into shift (the data's dtype) + resid, so (x - shift) - resid keeps the mean's
- * low bits that a float32 mean would lose. */
+/* Split each mean into shift (the data's dtype) + resid, the mean's low bits that a float32 mean
+ * would lose: (x - shift) is exact near the mean, and resid goes into the per-feature offset. */
 static void split_mean(call *c)
 {
     scratch *s = &c->s;
@@ -624,18 +624,19 @@ static int step_rstd(call *c, double eps)
     return 0;
 }
 
-/* result = (x - mean) * (rstd * gamma) + beta. */
+/* result = (x - mean) * (rstd * gamma) + beta, as (x - shift) * scale + (beta - resid * scale):
+ * one subtraction and one fused multiply-add per element. */
 static int step_normalize(call *c)
 {
     scratch *s = &c->s;
     split_mean(c);
     for (npy_intp f = 0; f < c->L.nfeat; f++) {
-        put(s->center, f, s->resid[f], c->type_num);
         put(s->scale, f, s->rstd[f] * s->gamma[f], c->type_num);
-        put(s->offset, f, s->beta[f], c->type_num);
+        const double scale = get(s->scale, f, c->type_num);
+        put(s->offset, f, s->beta[f] - s->resid[f] * scale, c->type_num);
     }
-    const bn_coefs coefs = {.shift = s->shift, .center = s->center, .scale = s->scale,
-                            .offset = s->offset, .nfeat = c->L.nfeat};
+    const bn_coefs coefs = {.shift = s->shift, .scale = s->scale, .offset = s->offset,
+                            .nfeat = c->L.nfeat};
     PyArrayObject *ops[2] = {c->x, c->result};
     return run_pass(c, c->K->normalize, &coefs, 2, ops);
 }
@@ -671,20 +672,21 @@ static int step_bwd_apply(call *c, double count, int training)
     const double *sum_dy = s->acc, *sum_dy_xmu = s->acc + nf;
     for (npy_intp f = 0; f < nf; f++) {
         const double r = s->rstd[f], a = s->gamma[f] * r;
-        put(s->center, f, training ? s->resid[f] : 0.0, c->type_num);
         put(s->scale, f, training ? -a * r * r * sum_dy_xmu[f] / count : a, c->type_num);
-        put(s->offset, f, training ? -a * sum_dy[f] / count : 0.0, c->type_num);
+        const double scale = get(s->scale, f, c->type_num);
+        put(s->offset, f, training ? -a * sum_dy[f] / count - s->resid[f] * scale : 0.0,
+            c->type_num);
         put(s->dyscale, f, a, c->type_num);
         if (!training)
             put(s->shift, f, 0.0, c->type_num);
     }
-    const bn_coefs coefs = {.shift = s->shift, .center = s->center, .scale = s->scale,
-                            .offset = s->offset, .dyscale = s->dyscale, .nfeat = nf};
+    const bn_coefs coefs = {.shift = s->shift, .scale = s->scale, .offset = s->offset,
+                            .dyscale = s->dyscale, .nfeat = nf};
     if (training) {
         PyArrayObject *ops[3] = {c->x, c->dy, c->result};
         return run_pass(c, c->K->bwd_apply, &coefs, 3, ops);
     }
-    /* dx = a * dy does not read x: the normalize pass over dy, with zero shift and center */
+    /* dx = a * dy does not read x: the normalize pass over dy, with zero shift and offset */
     PyArrayObject *ops[2] = {c->dy, c->result};
     return run_pass(c, c->K->normalize, &coefs, 2, ops);
 }
