@@ -75,8 +75,8 @@ def combine_stats(counts, means, m2s):
 def normalize(x, mean, rstd, gamma=None, beta=None, *, axis=-1, out=None):
     """``y = (x - mean) * rstd * gamma + beta`` with given per-feature ``mean`` and ``rstd``.
 
-    ``mean`` may be float64 even for float32 ``x``: its low bits are kept (``x - mean`` is formed
-    as ``(x - round(mean)) - residual``).  ``out`` as in ``bnorm.forward``.
+    ``mean`` may be float64 even for float32 ``x``: its low bits are kept (``y`` is formed as
+    ``(x - round(mean)) * scale + (beta - residual * scale)``).  ``out`` as in ``bnorm.forward``.
     """
     return _bnorm.normalize(x, mean, rstd, gamma, beta, axis, out)
 
