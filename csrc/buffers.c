@@ -8,8 +8,13 @@
 #include <string.h>
 #include <sys/mman.h>
 
-/* A block is a one-cache-line header holding the data's size, then the data (64-byte aligned). */
-#define HEADER ((size_t)64)
+/* A block is a header holding the data's size, then the data: 64-byte aligned, and half a page
+ * past a page boundary.  A store is held up by a later load whose address agrees with it in the
+ * low 12 bits ("4K aliasing"); arrays from NumPy's allocator start 16 bytes past a page, and a
+ * pass writing just ahead of what it reads, in those bits, stalls (normalize (4096,1024) float32
+ * on one thread, output 48 bytes ahead of x: 1.7 ms; 2 KiB: 0.7 ms). */
+#define HEADER ((size_t)2048 + 64)
+#define PAGE ((size_t)4096)
 #define HUGE_PAGE ((size_t)2 << 20)
 #define MAX_KEPT 16
 
@@ -36,7 +41,8 @@ static char *new_block(size_t size)
      * as NumPy's own allocator does): one fault per 2 MiB instead of one per 4 KiB. */
     const int huge = size >= HUGE_PAGE;
     void *block;
-    if (size > SIZE_MAX - HUGE_PAGE || posix_memalign(&block, huge ? HUGE_PAGE : HEADER, HEADER + size) != 0)
+    if (size > SIZE_MAX - HUGE_PAGE ||
+        posix_memalign(&block, huge ? HUGE_PAGE : PAGE, HEADER + size) != 0)
         return NULL;
     if (huge)
         (void)madvise(block, HEADER + size, MADV_HUGEPAGE); /* a hint: failing it costs only speed */
