@@ -122,10 +122,14 @@ CASES = [
 ]
 
 
-def make_cases(quick, dtypes):
-    """Case constructors (a case's arrays are built only when it runs, then freed)."""
+def make_cases(quick, dtypes, only=None):
+    """Case constructors (a case's arrays are built only when it runs, then freed); only: keep
+    the cases whose name contains one of these strings."""
     for dtype in dtypes:
         for name, group, shape, layout, view, in_quick in CASES:
+            full_name = name.format(shape_str(shape))
+            if only and not any(o in full_name for o in only):
+                continue
             if in_quick or not quick:
                 yield functools.partial(Case, name.format(shape_str(shape)), group, shape,
                                         layout, dtype, view)
@@ -529,6 +533,8 @@ def main(argv=None):
                    "--quick 0.1)")
     p.add_argument("--dtype", choices=("float32", "float64"), action="append",
                    help="restrict to this dtype (repeatable)")
+    p.add_argument("--case", action="append", metavar="TEXT",
+                   help="only the cases whose name contains TEXT, e.g. 'NC (4096' (repeatable)")
     p.add_argument("--no-torch", action="store_true", help="skip PyTorch")
     p.add_argument("--no-out", action="store_true", help="skip the bnorm (out=) column")
     p.add_argument("--no-check", action="store_true",
@@ -552,7 +558,7 @@ def main(argv=None):
     t0 = time.perf_counter()
     rows, problems, busy = [], [], []
     monitor = LoadMonitor()
-    for make in make_cases(args.quick, dtypes):
+    for make in make_cases(args.quick, dtypes, args.case):
         case = make()
         for attempt in range(args.retries + 1):
             print(f"# {case.name} {case.dtype} ...", end="", file=sys.stderr, flush=True)
