@@ -73,7 +73,7 @@ set_num_threads = _bnorm.set_num_threads
 def set_buffer_cache(max_bytes):
     """Keep at most ``max_bytes`` of freed outputs for reuse; returns the previous limit.
 
-    Outputs of 4 MiB and more (``y``, ``dx`` made without ``out=``) come from a small cache: when
+    Outputs of 128 KiB and more (``y``, ``dx`` made without ``out=``) come from a small cache: when
     such an array dies its memory is kept (up to 16 buffers, 512 MiB by default) and the next
     output of the same byte size reuses it.  A training loop asks for the same sizes every step,
     and fresh memory from the operating system costs a page fault per page on first write, which
