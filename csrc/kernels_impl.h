@@ -190,19 +190,15 @@ static BN_INLINE void BN_NAME(apply_tile)(
 static BN_INLINE void BN_NAME(apply_body)(
     npy_intp n0, npy_intp n1, const char *x, npy_intp xs0, npy_intp xs1, const char *dy,
     npy_intp ds0, npy_intp ds1, char *out, npy_intp os0, npy_intp os1, npy_intp f0, npy_intp fs0,
-    npy_intp fs1, const bn_coefs *c, const int grouped, const int has_dy, const int stream)
+    npy_intp fs1, const bn_coefs *c, const npy_intp group, const int has_dy, const int stream)
 {
     /* in locals: a store through out (a char *) would otherwise make GCC reload them */
     const BN_T *shift = (const BN_T *)c->shift, *scale = (const BN_T *)c->scale;
     const BN_T *offset = (const BN_T *)c->offset;
     const BN_T *dyscale = (const BN_T *)c->dyscale;
-    /* Grouped rows share their coefficients: a group of them per tile.  Groups of 2 rows, not
-     * BN_ROWS: x, dy and out in each of 4 rows a multiple of 4 KiB apart are 12 lines in one set
-     * of an 8-way L1, which evict each other (float64 with 1024 features, in cache: normalize
-     * 197 -> 95 us, backward_apply 360 -> 133 us). */
-    const npy_intp step = grouped ? BN_APPLY_ROWS : 1;
-    for (npy_intp i = 0; i < n0; i += step) {
-        const npy_intp rows = n0 - i < step ? n0 - i : step;
+    /* the rows of a group share their coefficients: a group of them per tile */
+    for (npy_intp i = 0; i < n0; i += group) {
+        const npy_intp rows = n0 - i < group ? n0 - i : group;
         const char *xrow = x + i * xs0, *dyrow = dy + i * ds0;
         char *orow = out + i * os0;
         const npy_intp frow = f0 + i * fs0;
@@ -239,17 +235,28 @@ static BN_INLINE void BN_NAME(apply)(const bn_block *b, const bn_coefs *c, const
     char *out = b->ptr[op_out];
     const npy_intp isz = (npy_intp)sizeof(BN_T);
     const int contiguous = b->s1[0] == isz && b->s1[op_dy] == isz && b->s1[op_out] == isz;
-    const int grouped = b->fs0 == 0 && !BN_NAME(rows_one_by_one)(b, BN_SHORT_ROW_APPLY);
     const int stream = BN_NAME(streams_out)(b, out, op_out);
+    /* Rows side by side: BN_ROWS, or 2 when rows are a multiple of BN_L1_WAY bytes apart: x, dy
+     * and out in each of 4 such rows are 12 lines in one set of an 8-way L1, which evict each
+     * other (float64 with 1024 features, in cache: normalize 197 -> 95 us, backward_apply
+     * 360 -> 133 us with 2 rows instead of 4; other rows gain from 4: (8,112,112,32) float32
+     * normalize on one thread about 10%, (32,64) float64 0.98 -> 0.90 us). */
+    npy_intp group = 1;
+    if (b->fs0 == 0 && !BN_NAME(rows_one_by_one)(b, BN_SHORT_ROW_APPLY)) {
+        group = BN_ROWS;
+        for (npy_intp k = 0; k <= op_out; k++)
+            if (b->s0[k] % BN_L1_WAY == 0)
+                group = 2;
+    }
     if (contiguous && b->fs1 == 1)
         BN_NAME(apply_body)(b->n0, b->n1, x, b->s0[0], isz, dy, b->s0[op_dy], isz, out,
-                            b->s0[op_out], isz, b->f0, b->fs0, 1, c, grouped, has_dy, stream);
+                            b->s0[op_out], isz, b->f0, b->fs0, 1, c, group, has_dy, stream);
     else if (contiguous && b->fs1 == 0)
         BN_NAME(apply_body)(b->n0, b->n1, x, b->s0[0], isz, dy, b->s0[op_dy], isz, out,
-                            b->s0[op_out], isz, b->f0, b->fs0, 0, c, grouped, has_dy, stream);
+                            b->s0[op_out], isz, b->f0, b->fs0, 0, c, group, has_dy, stream);
     else
         BN_NAME(apply_body)(b->n0, b->n1, x, b->s0[0], b->s1[0], dy, b->s0[op_dy], b->s1[op_dy],
-                            out, b->s0[op_out], b->s1[op_out], b->f0, b->fs0, b->fs1, c, grouped,
+                            out, b->s0[op_out], b->s1[op_out], b->f0, b->fs0, b->fs1, c, group,
                             has_dy, stream);
     if (stream)
         stream_fence();
