@@ -34,12 +34,21 @@ cases, so each sample lasts >= ~1 ms) until the time budget per measurement is s
 3 samples); the reported time is the median per-call time.  The garbage collector is off while
 timing.
 
+Memory: glibc returns freed memory to the system as it goes (it unmaps large blocks and trims
+the top of its heap), so a NumPy or PyTorch temporary can cost a page fault per page on one call
+and none on the next, depending on what ran before: the post's NumPy step on (256,1024) float32
+took 1.6 ms in one run and 3.5 ms in another.  The suite fixes glibc's thresholds first
+(``mallopt``: heap never trimmed, mmap only from 32 MiB) so that the peers keep their pages
+between calls: steadier timings, and the peers at their best.  bnorm does not depend on it (its
+outputs come from its own buffer cache).  ``--glibc-defaults`` leaves glibc as it is.
+
 Bandwidth: minimal bytes moved by a fused kernel, where ``B = x.size * itemsize``: training
 forward 3B (read x twice, write y), backward 5B (read x and dy twice, write dx), full step 8B,
 inference 2B (read x, write y).  ``copy GB/s`` is ``np.copyto`` between two contiguous arrays of
 x's size measured in the same run, counting 2B (read + write); NumPy's copy is single-threaded.
 """
 import argparse
+import ctypes
 import functools
 import gc
 import math
@@ -402,6 +411,17 @@ def run_case(case, args, torch):
     return rows, problems
 
 
+def keep_freed_memory():
+    """glibc only: never trim the heap, map blocks of their own only from 32 MiB (its largest
+    mmap threshold), and stop adjusting both; see "Memory" above.  True if glibc took them."""
+    try:
+        mallopt = ctypes.CDLL(None).mallopt
+    except (OSError, AttributeError):
+        return False
+    M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3
+    return bool(mallopt(M_MMAP_THRESHOLD, 32 << 20)) and bool(mallopt(M_TRIM_THRESHOLD, 1 << 30))
+
+
 def header_lines(args, torch):
     cpu = platform.processor() or platform.machine()
     try:
@@ -417,7 +437,8 @@ def header_lines(args, torch):
         f"bnorm {bnorm.__version__}, NumPy {np.__version__}, PyTorch {tv}, Python "
         f"{platform.python_version()}; CPU: {cpu}, {os.cpu_count()} logical CPUs; "
         f"threads: bnorm {bnorm.get_num_threads()}, torch "
-        f"{torch.get_num_threads() if torch is not None else 'n/a'}.",
+        f"{torch.get_num_threads() if torch is not None else 'n/a'}; glibc "
+        f"{'thresholds fixed (peers keep their pages)' if args.kept_memory else 'as it is'}.",
         "",
         "Times: median per call after warm-up. Speed-ups are peer time / bnorm time "
         "(**> 1 means bnorm is faster**); bnorm is called as a user would (fresh outputs); "
@@ -536,6 +557,8 @@ def main(argv=None):
     p.add_argument("--case", action="append", metavar="TEXT",
                    help="only the cases whose name contains TEXT, e.g. 'NC (4096' (repeatable)")
     p.add_argument("--no-torch", action="store_true", help="skip PyTorch")
+    p.add_argument("--glibc-defaults", action="store_true",
+                   help="leave glibc's trim and mmap thresholds as they are (see Memory)")
     p.add_argument("--no-out", action="store_true", help="skip the bnorm (out=) column")
     p.add_argument("--no-check", action="store_true",
                    help="skip the cross-check of the peers' results")
@@ -549,6 +572,7 @@ def main(argv=None):
         args.budget = 0.1 if args.quick else 0.3
     dtypes = args.dtype or (["float32"] if args.quick else ["float32", "float64"])
 
+    args.kept_memory = not args.glibc_defaults and keep_freed_memory()
     if args.threads is not None:
         bnorm.set_num_threads(args.threads)
     torch = None if args.no_torch else import_torch()
