@@ -530,8 +530,10 @@ def plot(rows, path):
         ax.set_xticklabels([f"{r['case'].split(' = ')[0]} f{r['dtype'][5:]}" for r in sel],
                            rotation=30, ha="right", fontsize=7)
         ax.grid(axis="y", which="both", alpha=0.3)
-        ax.legend(fontsize=8)
-    fig.tight_layout()
+    # one legend above the charts, where it hides no bar
+    handles, labels = axes[0, 0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="upper center", ncol=2, fontsize=9)
+    fig.tight_layout(rect=(0, 0, 1, 0.98))
     fig.savefig(path, dpi=120)
 
 
