@@ -9,7 +9,7 @@
 #include <sys/mman.h>
 
 /* A block is a header holding the data's size, then the data: 64-byte aligned, and half a page
- * past a page boundary.  A store is held up by a later load whose address agrees with it in the
+ * past a page boundary.  A load waits for an earlier store whose address agrees with it in the
  * low 12 bits ("4K aliasing"); arrays from NumPy's allocator start 16 bytes past a page, and a
  * pass writing just ahead of what it reads, in those bits, stalls (normalize (4096,1024) float32
  * on one thread, output 48 bytes ahead of x: 1.7 ms; 2 KiB: 0.7 ms). */

@@ -17,7 +17,8 @@
 #define BN_INLINE inline __attribute__((always_inline))
 #define BN_LANES 16
 #define BN_ROWS 4 /* batch rows side by side */
-#define BN_L1_WAY 4096 /* bytes of one way of the L1 data cache: addresses this far apart share a set */
+/* bytes in one way of the L1 data cache: addresses this far apart share a set */
+#define BN_L1_WAY 4096
 /* Bytes: passes over more than BN_STREAMED bytes (more than this machine's L2 caches hold), of
  * rows longer than the short ones and shorter than BN_LONG_ROW, walk rows one at a time (see
  * rows_one_by_one). */

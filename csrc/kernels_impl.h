@@ -225,7 +225,8 @@ static BN_INLINE int BN_NAME(streams_out)(const bn_block *b, const char *out, np
     const npy_intp isz = (npy_intp)sizeof(BN_T);
     return b->pass_size * isz * (op_out + 1) > BN_STREAM_OUT && b->s1[op_out] == isz &&
            b->n1 * isz % BN_LINE == 0 && b->s0[op_out] % BN_LINE == 0 &&
-           (uintptr_t)out % BN_LINE == 0 && out != b->ptr[0] && out != b->ptr[op_out - 1];
+           (uintptr_t)out % BN_LINE == 0 && out != b->ptr[0] /* x */ &&
+           out != b->ptr[op_out - 1] /* dy, or x again */;
 }
 
 static BN_INLINE void BN_NAME(apply)(const bn_block *b, const bn_coefs *c, const int has_dy)
