@@ -17,6 +17,10 @@
 #define BN_INLINE inline __attribute__((always_inline))
 #define BN_LANES 16
 #define BN_ROWS 4 /* batch rows side by side */
+/* and in the statistics pass, which reads x alone: each group loads and stores the per-feature
+ * sums once, so larger groups halve that traffic ((4096,1024) float64 on 2 threads: 0.83 ->
+ * 0.55 ms; (256,1024) float32 44 -> 39 us) */
+#define BN_STATS_ROWS 8
 /* bytes in one way of the L1 data cache: addresses this far apart share a set */
 #define BN_L1_WAY 4096
 /* Bytes: passes over more than BN_STREAMED bytes (more than this machine's L2 caches hold), of
