@@ -20,13 +20,17 @@ element is compared against the magnitude of the whole result, which is what the
   float32 roundings in the elementwise pass. ``TOL32 = 16 * eps32 = 1.9e-6``. The post's float32
   code is off by 3e-3 on ``1e4 + randn`` data, so this tolerance is what "float32 precision" means.
 * float32 vs the post's float32 code: the post's code itself accumulates in float32 (errors up to
-  ~M * eps32 for the small M used with it), so ``TOL32_REF = 1e-4``.
+  ~M * eps32 for the small M used with it, relative to the terms it sums), so ``TOL32_REF = 1e-4``
+  of those terms.
+
+Random data comes from seeds fixed per test (``stable_seed``), so a failure reproduces.
 """
 import inspect
 import os
 import re
 import subprocess
 import sys
+import zlib
 
 import numpy as np
 import pytest
@@ -152,6 +156,11 @@ def dx_terms(dy, rstd, gamma, axis):
     return float(np.max(np.abs(dy * expand(rstd, red, F) * expand(g, red, F)), initial=0.0))
 
 
+def stable_seed(*key):
+    """A seed from the test's parameters, the same in every process (hash() of a str is not)."""
+    return zlib.crc32(repr(key).encode())
+
+
 def randn(rng, shape, dtype, loc=0.0, scale=1.0):
     return (loc + scale * rng.standard_normal(shape)).astype(dtype)
 
@@ -217,12 +226,20 @@ def check_all(x, dy, gamma, beta, axis, training, rm, rv, momentum=0.9, eps=1e-8
                                              running_var=rv_r, momentum=momentum)
         rdx, rdg, rdb = reference.backward(dyc, xc, rmean, rrstd, gamma, axis=axis,
                                            training=training)
+        # The post's code rounds each partial sum to float32: its error in a sum (mean, dgamma,
+        # dbeta) is relative to the terms summed, not to the sum, which can be near zero (a mean
+        # of 2e-5 from data of size 2 is 0.1% off in the post's code).
+        red, _ = axes_of(np.ndim(x), axis)
+        x64, dy64 = np.abs(np.asarray(x, F64)), np.abs(np.asarray(dy, F64))
+        xhat = np.abs(np.asarray(x, F64) - expand(om, red, F)) * expand(ors, red, F)
+        terms = {"mean": float(np.max(x64, initial=0.0)),
+                 "dgamma": float(np.sum(dy64 * xhat)), "dbeta": float(np.sum(dy64))}
         for name, a, b in [("y", y, ry), ("mean", mean, rmean), ("rstd", rstd, rrstd),
                            ("dgamma", dgamma, rdg), ("dbeta", dbeta, rdb)]:
-            assert_close(a, b, t, "reference " + name)
+            assert_close(a, b, t, "reference " + name, scale=terms.get(name, 0.0))
         assert_close(dx, rdx, t, "reference dx", scale=dx_terms(dy, ors, gamma, axis))
         if training and rm is not None:
-            assert_close(rm_b, rm_r, t, "reference running_mean")
+            assert_close(rm_b, rm_r, t, "reference running_mean", scale=terms["mean"])
             assert_close(rv_b, rv_r, t, "reference running_var")
     return y, mean, rstd, dx, dgamma, dbeta
 
@@ -259,7 +276,7 @@ def case_id(c):
 @pytest.mark.parametrize("case", CASES, ids=case_id)
 def test_matches_reference_and_oracle(case, dtype, training):
     shape, axis = case
-    rng = np.random.default_rng(abs(hash((shape, str(axis), training))) % 2**32)
+    rng = np.random.default_rng(stable_seed(shape, axis, training))
     F = fshape(shape, axis)
     x = randn(rng, shape, dtype, loc=0.3, scale=2.0)
     dy = randn(rng, shape, dtype)
