@@ -718,6 +718,89 @@ static int check_nargs(Py_ssize_t nargs, Py_ssize_t want, const char *name)
     return 0;
 }
 
+/* Python's binding of call arguments to parameters, for forward and backward, which are called
+ * directly from Python: a wrapper in Python around them made a (32,64) forward 2.10 us instead
+ * of 1.80 (backward 2.37 instead of 2.21).  The first npos parameters may come by position, the
+ * first nreq of them must come; the rest are keyword-only.  bound[] holds the defaults on entry
+ * and borrowed references on return. */
+typedef struct {
+    const char *fname;
+    Py_ssize_t nparams, npos, nreq;
+    const char *const *names;
+    PyObject **interned; /* the names as interned str, made at import */
+} signature;
+
+#define MAX_PARAMS 10
+
+static int bind_args(const signature *sig, PyObject *const *args, Py_ssize_t nargs,
+                     PyObject *kwnames, PyObject **bound)
+{
+    char given[MAX_PARAMS] = {0};
+    if (nargs > sig->npos) {
+        PyErr_Format(PyExc_TypeError, "%s() takes at most %zd positional arguments (%zd given)",
+                     sig->fname, sig->npos, nargs);
+        return -1;
+    }
+    for (Py_ssize_t i = 0; i < nargs; i++) {
+        bound[i] = args[i];
+        given[i] = 1;
+    }
+    const Py_ssize_t nkw = kwnames ? PyTuple_GET_SIZE(kwnames) : 0;
+    for (Py_ssize_t k = 0; k < nkw; k++) {
+        PyObject *key = PyTuple_GET_ITEM(kwnames, k);
+        Py_ssize_t i = 0;
+        while (i < sig->nparams && sig->interned[i] != key) /* keywords in code are interned */
+            i++;
+        if (i == sig->nparams) /* a keyword made at run time: compare the text */
+            for (i = 0; i < sig->nparams; i++)
+                if (PyUnicode_Compare(sig->interned[i], key) == 0)
+                    break;
+        if (i == sig->nparams) {
+            PyErr_Format(PyExc_TypeError, "%s() got an unexpected keyword argument '%U'",
+                         sig->fname, key);
+            return -1;
+        }
+        if (given[i]) {
+            PyErr_Format(PyExc_TypeError, "%s() got multiple values for argument '%s'",
+                         sig->fname, sig->names[i]);
+            return -1;
+        }
+        bound[i] = args[nargs + k];
+        given[i] = 1;
+    }
+    for (Py_ssize_t i = 0; i < sig->nreq; i++)
+        if (!given[i]) {
+            PyErr_Format(PyExc_TypeError, "%s() missing required argument '%s' (pos %zd)",
+                         sig->fname, sig->names[i], i + 1);
+            return -1;
+        }
+    return 0;
+}
+
+static const char *const forward_names[] = {"x", "gamma", "beta", "axis", "eps", "training",
+                                            "running_mean", "running_var", "momentum", "out"};
+static const char *const backward_names[] = {"dy", "x", "mean", "rstd", "gamma", "axis",
+                                             "training", "out"};
+static PyObject *forward_interned[10], *backward_interned[8];
+static const signature forward_sig = {"forward", 10, 3, 1, forward_names, forward_interned};
+static const signature backward_sig = {"backward", 8, 5, 4, backward_names, backward_interned};
+static PyObject *default_axis, *default_eps, *default_momentum; /* -1, 1e-8, 0.9 */
+
+/* At import: the interned names and the defaults that are not singletons. */
+static int init_signatures(void)
+{
+    for (Py_ssize_t i = 0; i < forward_sig.nparams; i++)
+        if (!(forward_interned[i] = PyUnicode_InternFromString(forward_names[i])))
+            return -1;
+    for (Py_ssize_t i = 0; i < backward_sig.nparams; i++)
+        if (!(backward_interned[i] = PyUnicode_InternFromString(backward_names[i])))
+            return -1;
+    default_axis = PyLong_FromLong(-1);
+    default_eps = PyFloat_FromDouble(1e-8);
+    default_momentum = PyFloat_FromDouble(0.9);
+    return default_axis && default_eps && default_momentum ? 0 : -1;
+}
+
 /* momentum * r + (1 - momentum) * batch, computed in float64 and cast to r's own dtype, as a new
  * array: the cast can raise (a float16 statistic overflowing under np.errstate(over="raise") or
  * with warnings as errors), so it is done before anything is written; the copy into r at the end
@@ -800,9 +883,13 @@ static PyArrayObject *sum_to_param(const call *c, PyArrayObject *param, const do
 
 /* ---- forward, backward ---- */
 
-static PyObject *bn_forward(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
+static PyObject *bn_forward(PyObject *self, PyObject *const *given, Py_ssize_t nargs,
+                            PyObject *kwnames)
 {
-    if (check_nargs(nargs, 10, "forward") < 0)
+    /* x, gamma, beta, axis, eps, training, running_mean, running_var, momentum, out */
+    PyObject *args[10] = {NULL,    Py_None, Py_None, default_axis,     default_eps,
+                          Py_True, Py_None, Py_None, default_momentum, Py_None};
+    if (bind_args(&forward_sig, given, nargs, kwnames, args) < 0)
         return NULL;
     PyObject *rmean_obj = args[6], *rvar_obj = args[7];
     call c = {0};
@@ -871,9 +958,12 @@ done:
     return result;
 }
 
-static PyObject *bn_backward(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
+static PyObject *bn_backward(PyObject *self, PyObject *const *given, Py_ssize_t nargs,
+                             PyObject *kwnames)
 {
-    if (check_nargs(nargs, 8, "backward") < 0)
+    /* dy, x, mean, rstd, gamma, axis, training, out */
+    PyObject *args[8] = {NULL, NULL, NULL, NULL, Py_None, default_axis, Py_True, Py_None};
+    if (bind_args(&backward_sig, given, nargs, kwnames, args) < 0)
         return NULL;
     call c = {0};
     PyObject *result = NULL;
@@ -1089,11 +1179,67 @@ static PyObject *bn_py_set_buffer_cache(PyObject *self, PyObject *arg)
     return PyLong_FromSize_t(bn_buffers_set_limit((size_t)n));
 }
 
+/* bnorm.forward and bnorm.backward's docstrings, led by the signature inspect.signature reads. */
+PyDoc_STRVAR(forward_doc,
+    "forward($module, x, gamma=None, beta=None, *, axis=-1, eps=1e-08, training=True,"
+    " running_mean=None, running_var=None, momentum=0.9, out=None)\n"
+    "--\n"
+    "\n"
+    "Batch-normalize ``x`` over every axis except the feature axes ``axis``.\n"
+    "\n"
+    "Returns ``(y, mean, rstd)``.  ``axis`` (int or tuple, negative allowed; ``()`` reduces\n"
+    "over everything) names the feature axes that are kept; the feature shape ``F`` is their\n"
+    "lengths in axis order.  ``mean`` and ``rstd = 1/sqrt(var + eps)`` have shape ``F`` and\n"
+    "``x``'s dtype; with ``x`` they are all that ``backward`` needs.\n"
+    "\n"
+    "training=True: batch statistics, with the biased variance.  If ``running_mean`` /\n"
+    "``running_var`` (writable float arrays of shape ``F``) are given they are updated in\n"
+    "place as ``r = momentum * r + (1 - momentum) * batch_stat`` (momentum is the weight of\n"
+    "the old value, as in the post and Keras; PyTorch's ``momentum=m`` is ours ``1 - m``);\n"
+    "the running variance is the same biased variance used to normalize.\n"
+    "\n"
+    "training=False: ``running_mean`` / ``running_var`` (shape ``F``) are required and used\n"
+    "as the statistics; the returned ``mean`` equals ``running_mean``.\n"
+    "\n"
+    "``gamma`` / ``beta``: None (1 and 0), a scalar, or anything broadcasting to ``F``.\n"
+    "``y = (x - mean) * (rstd * gamma) + beta`` (never folded to ``x * a + b``, which\n"
+    "cancels for data far from zero).  Statistics are accumulated in float64 from shifted\n"
+    "data, so float32 input far from zero (``1e4 + randn``) is normalized to float32\n"
+    "precision.\n"
+    "``out``: an array of ``x``'s shape and dtype to write ``y`` into (``out=x`` works in\n"
+    "place).\n"
+    "\n"
+    "Errors (nothing is modified when one is raised): TypeError for non-float dtypes,\n"
+    "AxisError for 0-d ``x`` or an axis out of range, ValueError for repeated axes, shapes\n"
+    "that do not fit ``F``, an empty batch (M == 0) in training, missing running statistics\n"
+    "when not training, read-only ``out`` or running statistics.  NaN and inf propagate only\n"
+    "to the features they touch.");
+
+PyDoc_STRVAR(backward_doc,
+    "backward($module, dy, x, mean, rstd, gamma=None, *, axis=-1, training=True, out=None)\n"
+    "--\n"
+    "\n"
+    "Gradients of batch norm: returns ``(dx, dgamma, dbeta)``.\n"
+    "\n"
+    "``dy`` has ``x``'s shape; ``mean`` and ``rstd`` are what ``forward`` returned, ``gamma``\n"
+    "what it got.  With ``xhat = (x - mean) * rstd`` and sums over the batch axes (``M``\n"
+    "elements each): ``dbeta = sum(dy)``, ``dgamma = sum(dy * xhat)`` and\n"
+    "\n"
+    "* training=True: ``dx = gamma * rstd * (dy - dbeta / M - xhat * dgamma / M)``;\n"
+    "* training=False (the statistics were constants): ``dx = gamma * rstd * dy``.\n"
+    "\n"
+    "``dgamma`` has ``gamma``'s shape (a scalar gamma gets a 0-d sum over everything it\n"
+    "broadcast over; gamma None gives shape ``F``); ``dbeta`` has shape ``F``.  ``dy`` of the\n"
+    "other float dtype is cast to ``x``'s.  In training mode ``mean`` is taken to be the\n"
+    "batch mean of ``x``: the small residual between it and the exact batch mean (a float32\n"
+    "``mean`` is rounded) is recomputed in float64, so gradients stay float32-accurate for\n"
+    "data far from zero.  ``out`` as in ``forward`` (``out=dy`` works in place).");
+
 static PyMethodDef methods[] = {
-    {"forward", (PyCFunction)(void (*)(void))bn_forward, METH_FASTCALL,
-     "forward(x, gamma, beta, axis, eps, training, running_mean, running_var, momentum, out)"},
-    {"backward", (PyCFunction)(void (*)(void))bn_backward, METH_FASTCALL,
-     "backward(dy, x, mean, rstd, gamma, axis, training, out)"},
+    {"forward", (PyCFunction)(void (*)(void))bn_forward, METH_FASTCALL | METH_KEYWORDS,
+     forward_doc},
+    {"backward", (PyCFunction)(void (*)(void))bn_backward, METH_FASTCALL | METH_KEYWORDS,
+     backward_doc},
     {"batch_stats", (PyCFunction)(void (*)(void))bn_batch_stats, METH_FASTCALL,
      "batch_stats(x, axis) -> (count, mean, m2)"},
     {"normalize", (PyCFunction)(void (*)(void))bn_normalize, METH_FASTCALL,
@@ -1129,7 +1275,7 @@ PyMODINIT_FUNC PyInit__bnorm(void)
     }
     AxisError = PyObject_GetAttrString(exceptions, "AxisError");
     Py_DECREF(exceptions);
-    if (!AxisError || init_num_threads() < 0)
+    if (!AxisError || init_num_threads() < 0 || init_signatures() < 0)
         return NULL;
     if (bn_buffers_init() != 0) {
         PyErr_SetString(PyExc_RuntimeError, "bnorm: could not register a fork handler");

@@ -85,9 +85,17 @@ def error_cases():
     ro_out = np.empty_like(x)
     ro_out.flags.writeable = False
     cases = [
-        # _bnorm: positional argument counts
-        ("forward nargs", _bnorm.forward, (x,), {}, TypeError),
-        ("backward nargs", _bnorm.backward, (dy, x), {}, TypeError),
+        # argument binding (forward and backward are C functions taking keywords), and
+        # _bnorm's positional argument counts
+        ("forward axis by position", bnorm.forward, (x, None, None, -1), {}, TypeError),
+        ("forward without x", bnorm.forward, (), dict(gamma=None), TypeError),
+        ("forward unknown keyword", bnorm.forward, (x,), dict(axes=0), TypeError),
+        ("forward x twice", bnorm.forward, (x,), dict(x=x), TypeError),
+        ("backward without rstd", bnorm.backward, (dy, x, x[0]), {}, TypeError),
+        ("backward training by position", bnorm.backward, (dy, x, x[0], x[0], None, -1), {},
+         TypeError),
+        ("backward gamma twice", bnorm.backward, (dy, x, x[0], x[0], None), dict(gamma=None),
+         TypeError),
         ("batch_stats nargs", _bnorm.batch_stats, (x, -1, None), {}, TypeError),
         ("normalize nargs", _bnorm.normalize, (x,), {}, TypeError),
         ("backward_sums nargs", _bnorm.backward_sums, (), {}, TypeError),
