@@ -781,9 +781,15 @@ static const char *const forward_names[] = {"x", "gamma", "beta", "axis", "eps",
                                             "running_mean", "running_var", "momentum", "out"};
 static const char *const backward_names[] = {"dy", "x", "mean", "rstd", "gamma", "axis",
                                              "training", "out"};
-static PyObject *forward_interned[10], *backward_interned[8];
-static const signature forward_sig = {"forward", 10, 3, 1, forward_names, forward_interned};
-static const signature backward_sig = {"backward", 8, 5, 4, backward_names, backward_interned};
+#define NPARAMS(names) ((Py_ssize_t)(sizeof names / sizeof *names))
+_Static_assert(NPARAMS(forward_names) <= MAX_PARAMS && NPARAMS(backward_names) <= MAX_PARAMS,
+               "bind_args' given[] is too small");
+static PyObject *forward_interned[NPARAMS(forward_names)];
+static PyObject *backward_interned[NPARAMS(backward_names)];
+static const signature forward_sig = {"forward", NPARAMS(forward_names), 3, 1, forward_names,
+                                      forward_interned};
+static const signature backward_sig = {"backward", NPARAMS(backward_names), 5, 4,
+                                       backward_names, backward_interned};
 static PyObject *default_axis, *default_eps, *default_momentum; /* -1, 1e-8, 0.9 */
 
 /* At import: the interned names and the defaults that are not singletons. */
@@ -887,8 +893,9 @@ static PyObject *bn_forward(PyObject *self, PyObject *const *given, Py_ssize_t n
                             PyObject *kwnames)
 {
     /* x, gamma, beta, axis, eps, training, running_mean, running_var, momentum, out */
-    PyObject *args[10] = {NULL,    Py_None, Py_None, default_axis,     default_eps,
-                          Py_True, Py_None, Py_None, default_momentum, Py_None};
+    PyObject *args[NPARAMS(forward_names)] = {NULL,    Py_None, Py_None, default_axis,
+                                              default_eps, Py_True, Py_None, Py_None,
+                                              default_momentum, Py_None};
     if (bind_args(&forward_sig, given, nargs, kwnames, args) < 0)
         return NULL;
     PyObject *rmean_obj = args[6], *rvar_obj = args[7];
@@ -962,7 +969,8 @@ static PyObject *bn_backward(PyObject *self, PyObject *const *given, Py_ssize_t 
                              PyObject *kwnames)
 {
     /* dy, x, mean, rstd, gamma, axis, training, out */
-    PyObject *args[8] = {NULL, NULL, NULL, NULL, Py_None, default_axis, Py_True, Py_None};
+    PyObject *args[NPARAMS(backward_names)] = {NULL,    NULL,         NULL,    NULL,
+                                               Py_None, default_axis, Py_True, Py_None};
     if (bind_args(&backward_sig, given, nargs, kwnames, args) < 0)
         return NULL;
     call c = {0};

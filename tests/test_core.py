@@ -230,10 +230,10 @@ def check_all(x, dy, gamma, beta, axis, training, rm, rv, momentum=0.9, eps=1e-8
         # dbeta) is relative to the terms summed, not to the sum, which can be near zero (a mean
         # of 2e-5 from data of size 2 is 0.1% off in the post's code).
         red, _ = axes_of(np.ndim(x), axis)
-        x64, dy64 = np.abs(np.asarray(x, F64)), np.abs(np.asarray(dy, F64))
-        xhat = np.abs(np.asarray(x, F64) - expand(om, red, F)) * expand(ors, red, F)
-        terms = {"mean": float(np.max(x64, initial=0.0)),
-                 "dgamma": float(np.sum(dy64 * xhat)), "dbeta": float(np.sum(dy64))}
+        abs_x, abs_dy = np.abs(np.asarray(x, F64)), np.abs(np.asarray(dy, F64))
+        abs_xhat = np.abs(np.asarray(x, F64) - expand(om, red, F)) * expand(ors, red, F)
+        terms = {"mean": float(np.max(abs_x, initial=0.0)),
+                 "dgamma": float(np.sum(abs_dy * abs_xhat)), "dbeta": float(np.sum(abs_dy))}
         for name, a, b in [("y", y, ry), ("mean", mean, rmean), ("rstd", rstd, rrstd),
                            ("dgamma", dgamma, rdg), ("dbeta", dbeta, rdb)]:
             assert_close(a, b, t, "reference " + name, scale=terms.get(name, 0.0))
