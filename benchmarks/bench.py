@@ -30,9 +30,12 @@ Operations (gamma and beta are per-feature arrays; training updates running stat
 * ``infer``: inference forward from running statistics (PyTorch under ``torch.inference_mode``).
 
 Timing: each callable is warmed up, then called in batches (several calls per sample for tiny
-cases, so each sample lasts >= ~1 ms) until the time budget per measurement is spent (at least
-3 samples); the reported time is the median per-call time.  The garbage collector is off while
-timing.
+cases, so each sample lasts >= ~1 ms); the reported time is the median per-call time over its
+samples.  The contenders of one operation (bnorm, bnorm (out=), NumPy, PyTorch and the copy) take
+turns: ``--rounds`` rounds, each giving every contender an equal share of the time budget after
+20 ms of settling calls.  A machine that slows down for a second or two (a virtual machine's
+neighbours, see the README) then slows every contender alike instead of whichever ran at the
+time, and the medians pass over it.  The garbage collector is off while timing.
 
 Memory: glibc returns freed memory to the system as it goes (it unmaps large blocks and trims
 the top of its heap), so a NumPy or PyTorch temporary can cost a page fault per page on one call
@@ -45,7 +48,8 @@ outputs come from its own buffer cache).  ``--glibc-defaults`` leaves glibc as i
 Bandwidth: minimal bytes moved by a fused kernel, where ``B = x.size * itemsize``: training
 forward 3B (read x twice, write y), backward 5B (read x and dy twice, write dx), full step 8B,
 inference 2B (read x, write y).  ``copy GB/s`` is ``np.copyto`` between two contiguous arrays of
-x's size measured in the same run, counting 2B (read + write); NumPy's copy is single-threaded.
+x's size, timed in turns with each operation's contenders, counting 2B (read + write); NumPy's
+copy is single-threaded.
 """
 import argparse
 import ctypes
@@ -267,33 +271,58 @@ def copy_op(case):
 # --------------------------------------------------------------------------------------------
 # timing
 
-def measure(fn, budget, min_samples=3, sample_floor=1e-3):
-    """Median seconds per call of fn() after a warm-up; spends about `budget` seconds."""
+def calls_per_sample(fn, budget, sample_floor=1e-3):
+    """Warm fn up (at least one call, up to ~5% of the budget for fast functions); returns how
+    many calls make a sample of at least sample_floor seconds."""
+    clock = time.perf_counter
+    t_start = clock()
+    calls = 0
+    while True:
+        t0 = clock()
+        fn()
+        t_one = clock() - t0
+        calls += 1
+        if calls >= 2 and clock() - t_start >= max(0.05 * budget, 0.02) or calls >= 5000 \
+                or t_one > max(0.05 * budget, 0.02):
+            return max(1, int(math.ceil(sample_floor / max(t_one, 1e-9))))
+
+
+def settle(fn, seconds=0.02):
+    """Call fn for `seconds` (once at least): lets the previous contender's idle threads stop
+    spinning and brings fn's own data back into cache."""
+    t_end = time.perf_counter() + seconds
+    fn()
+    while time.perf_counter() < t_end:
+        fn()
+
+
+def samples_for(fn, number, budget, min_samples):
+    """Per-call seconds of batches of `number` calls, for about `budget` seconds."""
+    clock = time.perf_counter
+    samples = []
+    t_end = clock() + budget
+    while len(samples) < min_samples or clock() < t_end:
+        t0 = clock()
+        for _ in range(number):
+            fn()
+        samples.append((clock() - t0) / number)
+    return samples
+
+
+def measure(fns, budget, rounds, min_samples=3):
+    """Median seconds per call of each of fns (a dict), spending about `budget` seconds on each,
+    in `rounds` turns (see Timing)."""
     gc_was_enabled = gc.isenabled()
     gc.disable()
     try:
-        clock = time.perf_counter
-        # warm-up: at least one call, and up to ~5% of the budget for fast functions
-        t_start = clock()
-        calls = 0
-        while True:
-            t0 = clock()
-            fn()
-            t_one = clock() - t0
-            calls += 1
-            # (>= 20 ms also lets another peer's idle threads stop spinning)
-            if calls >= 2 and clock() - t_start >= max(0.05 * budget, 0.02) or calls >= 5000 \
-                    or t_one > max(0.05 * budget, 0.02):
-                break
-        number = max(1, int(math.ceil(sample_floor / max(t_one, 1e-9))))
-        samples = []
-        t_end = clock() + budget
-        while len(samples) < min_samples or clock() < t_end:
-            t0 = clock()
-            for _ in range(number):
-                fn()
-            samples.append((clock() - t0) / number)
-        return statistics.median(samples)
+        numbers = {name: calls_per_sample(fn, budget) for name, fn in fns.items()}
+        samples = {name: [] for name in fns}
+        per_round = max(1, math.ceil(min_samples / rounds))
+        for _ in range(rounds):
+            for name, fn in fns.items():
+                settle(fn)
+                samples[name] += samples_for(fn, numbers[name], budget / rounds, per_round)
+        return {name: statistics.median(s) for name, s in samples.items()}
     finally:
         if gc_was_enabled:
             gc.enable()
@@ -390,11 +419,13 @@ def run_case(case, args, torch):
     if torch is not None:
         peers["PyTorch"], outputs["PyTorch"] = torch_ops(case, torch)
     problems = [] if args.no_check else check(case, {k: f() for k, f in outputs.items()})
-    copy_t = measure(copy_op(case), budget)
-    copy_bw = 2 * case.nbytes / copy_t / 1e9
+    copy = copy_op(case)
     rows = []
     for op in OPS:
-        t = {name: measure(ops[op], budget) for name, ops in peers.items()}
+        fns = {name: ops[op] for name, ops in peers.items()}
+        fns["copy"] = copy
+        t = measure(fns, budget, args.rounds)
+        copy_bw = 2 * case.nbytes / t["copy"] / 1e9
         tb = t["bnorm"]
         bw = BYTES_PER_ELEM_PASS[op] * case.nbytes / tb / 1e9
         tout = t.get("bnorm (out=)")
@@ -440,13 +471,14 @@ def header_lines(args, torch):
         f"{torch.get_num_threads() if torch is not None else 'n/a'}; glibc "
         f"{'thresholds fixed (peers keep their pages)' if args.kept_memory else 'as it is'}.",
         "",
-        "Times: median per call after warm-up. Speed-ups are peer time / bnorm time "
+        f"Times: median per call after warm-up; an operation's contenders (and the copy) take "
+        f"turns, {args.rounds} rounds. Speed-ups are peer time / bnorm time "
         "(**> 1 means bnorm is faster**); bnorm is called as a user would (fresh outputs); "
         "`bnorm (out=)` writes into preallocated arrays.",
         "Bandwidth: minimal bytes / bnorm time, with B = bytes of x: train fwd 3B (read x twice, "
         "write y), train bwd 5B (read x and dy twice, write dx), fwd+bwd 8B, infer fwd 2B "
-        "(read x, write y). Copy: `np.copyto` between two contiguous arrays of x's size in this "
-        "run, 2B (read + write), single-threaded. `% copy` = bnorm GB/s / copy GB/s "
+        "(read x, write y). Copy: `np.copyto` between two contiguous arrays of x's size, timed "
+        "with the operation, 2B (read + write), single-threaded. `% copy` = bnorm GB/s / copy GB/s "
         "(`out=`: the same with the out= time).",
     ]
 
@@ -554,6 +586,8 @@ def main(argv=None):
     p.add_argument("--plot", metavar="PNG", help="bar chart of the speed-ups (needs matplotlib)")
     p.add_argument("--budget", type=float, help="seconds per measurement (default 0.3, "
                    "--quick 0.1)")
+    p.add_argument("--rounds", type=int, default=3,
+                   help="turns the contenders of an operation take at the budget (see Timing)")
     p.add_argument("--dtype", choices=("float32", "float64"), action="append",
                    help="restrict to this dtype (repeatable)")
     p.add_argument("--case", action="append", metavar="TEXT",
@@ -570,6 +604,8 @@ def main(argv=None):
                    help="re-runs of a case on a busy machine (each after waiting, up to 60 s, "
                    "for a quiet second)")
     args = p.parse_args(argv)
+    if args.rounds < 1:
+        p.error("--rounds must be at least 1")
     if args.budget is None:
         args.budget = 0.1 if args.quick else 0.3
     dtypes = args.dtype or (["float32"] if args.quick else ["float32", "float64"])
