@@ -478,8 +478,8 @@ def header_lines(args, torch):
         "Bandwidth: minimal bytes / bnorm time, with B = bytes of x: train fwd 3B (read x twice, "
         "write y), train bwd 5B (read x and dy twice, write dx), fwd+bwd 8B, infer fwd 2B "
         "(read x, write y). Copy: `np.copyto` between two contiguous arrays of x's size, timed "
-        "with the operation, 2B (read + write), single-threaded. `% copy` = bnorm GB/s / copy GB/s "
-        "(`out=`: the same with the out= time).",
+        "with the operation, 2B (read + write), single-threaded. `% copy` = bnorm GB/s / copy "
+        "GB/s (`out=`: the same with the out= time).",
     ]
 
 

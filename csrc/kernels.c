@@ -383,7 +383,7 @@ void bn_plan_init(bn_plan *p, npy_intp ndim, const npy_intp *shape, const npy_in
  * partial sums and the caller adds them, and one along the features reads short strided runs
  * ((256,1024) float32 on 2 threads, 8 -> 2 pieces: statistics 36 -> 29 us, backward sums 53 ->
  * 45 us, forward 57 -> 49 us; one thread gains too, and so do (2048,256) and (8,56,56,64)). */
-#define BN_PARTIAL_PIECE_SCALE 4
+#define BN_REDUCE_PIECE_SCALE 4
 
 typedef struct {
     npy_intp dim, count;
@@ -397,7 +397,7 @@ static bn_split choose_split(const bn_plan *p, const bn_coefs *c)
     if (want > BN_MAX_PIECES)
         want = BN_MAX_PIECES;
     if (c->acc != NULL) {
-        want /= BN_PARTIAL_PIECE_SCALE;
+        want /= BN_REDUCE_PIECE_SCALE;
         if (want > BN_MAX_PARTIALS)
             want = BN_MAX_PARTIALS;
     }
