@@ -219,14 +219,17 @@ static BN_INLINE void BN_NAME(apply_body)(
 }
 
 /* Whether an elementwise pass writes its output with non-temporal stores: when it touches more
- * than BN_STREAM_OUT bytes and every tile of the output covers whole cache lines.  On the machine
- * we measured, a row mixing such stores with plain ones, or an output sharing lines with the
- * input (in place), runs slower than plain stores alone (normalize (4096,1024) float32 on one
- * thread, output 32 bytes past a line: 0.80 ms plain, 2.0 ms mixed; aligned: 0.66 ms). */
+ * than BN_STREAM_OUT bytes (BN_STREAM_OUT_SHORT_ROWS for short rows) and every tile of the output
+ * covers whole cache lines.  On the machine we measured, a row mixing such stores with plain
+ * ones, or an output sharing lines with the input (in place), runs slower than plain stores alone
+ * (normalize (4096,1024) float32 on one thread, output 32 bytes past a line: 0.80 ms plain,
+ * 2.0 ms mixed; aligned: 0.66 ms). */
 static BN_INLINE int BN_NAME(streams_out)(const bn_block *b, const char *out, npy_intp op_out)
 {
     const npy_intp isz = (npy_intp)sizeof(BN_T);
-    return b->pass_size * isz * (op_out + 1) > BN_STREAM_OUT && b->s1[op_out] == isz &&
+    const npy_intp limit =
+        b->n1 * isz <= BN_SHORT_ROW_APPLY ? BN_STREAM_OUT_SHORT_ROWS : BN_STREAM_OUT;
+    return b->pass_size * isz * (op_out + 1) > limit && b->s1[op_out] == isz &&
            b->n1 * isz % BN_LINE == 0 && b->s0[op_out] % BN_LINE == 0 &&
            (uintptr_t)out % BN_LINE == 0 && out != b->ptr[0] /* x */ &&
            out != b->ptr[op_out - 1] /* dy, or x again */;
