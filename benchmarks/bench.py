@@ -35,7 +35,9 @@ samples.  The contenders of one operation (bnorm, bnorm (out=), NumPy, PyTorch a
 turns: ``--rounds`` rounds, each giving every contender an equal share of the time budget after
 20 ms of settling calls.  A machine that slows down for a second or two (a virtual machine's
 neighbours, see the README) then slows every contender alike instead of whichever ran at the
-time, and the medians pass over it.  The garbage collector is off while timing.
+time, and the medians pass over it.  Slower phases can outlast a case: ``--repeats N`` runs the
+whole suite N times and reports the median of each time.  The garbage collector is off while
+timing.
 
 Memory: glibc returns freed memory to the system as it goes (it unmaps large blocks and trims
 the top of its heap), so a NumPy or PyTorch temporary can cost a page fault per page on one call
@@ -407,8 +409,8 @@ def ratio(a, b):
     return None if a is None or b is None else a / b
 
 
-def run_case(case, args, torch):
-    budget = args.budget
+def time_case(case, args, torch):
+    """{op: {contender: seconds per call}} for one case, and the cross-check's problems."""
     peers = {}
     ops, outs = bnorm_ops(case)
     peers["bnorm"] = ops
@@ -420,26 +422,40 @@ def run_case(case, args, torch):
         peers["PyTorch"], outputs["PyTorch"] = torch_ops(case, torch)
     problems = [] if args.no_check else check(case, {k: f() for k, f in outputs.items()})
     copy = copy_op(case)
-    rows = []
+    times = {}
     for op in OPS:
         fns = {name: ops[op] for name, ops in peers.items()}
         fns["copy"] = copy
-        t = measure(fns, budget, args.rounds)
-        copy_bw = 2 * case.nbytes / t["copy"] / 1e9
+        times[op] = measure(fns, args.budget, args.rounds)
+    return times, problems
+
+
+def median_times(runs):
+    """The median over runs (lists of time_case's results) of each op's and contender's time."""
+    return {op: {name: statistics.median(r[op][name] for r in runs) for name in runs[0][op]}
+            for op in runs[0]}
+
+
+def case_rows(meta, times):
+    """Table rows of one case from its times; meta: the case's name, group, dtype and nbytes."""
+    rows = []
+    for op in OPS:
+        t = times[op]
+        copy_bw = 2 * meta["nbytes"] / t["copy"] / 1e9
         tb = t["bnorm"]
-        bw = BYTES_PER_ELEM_PASS[op] * case.nbytes / tb / 1e9
+        bw = BYTES_PER_ELEM_PASS[op] * meta["nbytes"] / tb / 1e9
         tout = t.get("bnorm (out=)")
         rows.append({
-            "case": case.name, "group": case.group, "dtype": str(case.dtype), "op": op,
-            "large": case.nbytes >= LARGE_BYTES,
+            "case": meta["name"], "group": meta["group"], "dtype": meta["dtype"], "op": op,
+            "large": meta["nbytes"] >= LARGE_BYTES,
             "bnorm": tb, "bnorm_out": tout, "numpy": t["NumPy (post)"],
             "torch": t.get("PyTorch"),
             "vs_numpy": ratio(t["NumPy (post)"], tb), "vs_torch": ratio(t.get("PyTorch"), tb),
             "bw": bw, "copy_bw": copy_bw, "pct": 100 * bw / copy_bw,
             "pct_out": None if tout is None else
-            100 * BYTES_PER_ELEM_PASS[op] * case.nbytes / tout / 1e9 / copy_bw,
+            100 * BYTES_PER_ELEM_PASS[op] * meta["nbytes"] / tout / 1e9 / copy_bw,
         })
-    return rows, problems
+    return rows
 
 
 def keep_freed_memory():
@@ -472,7 +488,9 @@ def header_lines(args, torch):
         f"{'thresholds fixed (peers keep their pages)' if args.kept_memory else 'as it is'}.",
         "",
         f"Times: median per call after warm-up; an operation's contenders (and the copy) take "
-        f"turns, {args.rounds} rounds. Speed-ups are peer time / bnorm time "
+        f"turns, {args.rounds} rounds"
+        + (f"; each time the median of {args.repeats} runs of the suite" if args.repeats > 1
+           else "") + ". Speed-ups are peer time / bnorm time "
         "(**> 1 means bnorm is faster**); bnorm is called as a user would (fresh outputs); "
         "`bnorm (out=)` writes into preallocated arrays.",
         "Bandwidth: minimal bytes / bnorm time, with B = bytes of x: train fwd 3B (read x twice, "
@@ -588,6 +606,9 @@ def main(argv=None):
                    "--quick 0.1)")
     p.add_argument("--rounds", type=int, default=3,
                    help="turns the contenders of an operation take at the budget (see Timing)")
+    p.add_argument("--repeats", type=int, default=1,
+                   help="run the suite this many times and report each time's median (a "
+                   "machine's slow phases last longer than one case)")
     p.add_argument("--dtype", choices=("float32", "float64"), action="append",
                    help="restrict to this dtype (repeatable)")
     p.add_argument("--case", action="append", metavar="TEXT",
@@ -604,8 +625,8 @@ def main(argv=None):
                    help="re-runs of a case on a busy machine (each after waiting, up to 60 s, "
                    "for a quiet second)")
     args = p.parse_args(argv)
-    if args.rounds < 1:
-        p.error("--rounds must be at least 1")
+    if args.rounds < 1 or args.repeats < 1:
+        p.error("--rounds and --repeats must be at least 1")
     if args.budget is None:
         args.budget = 0.1 if args.quick else 0.3
     dtypes = args.dtype or (["float32"] if args.quick else ["float32", "float64"])
@@ -618,25 +639,31 @@ def main(argv=None):
         torch.set_num_threads(bnorm.get_num_threads())
 
     t0 = time.perf_counter()
-    rows, problems, busy = [], [], []
+    runs, problems, busy = {}, [], []
     monitor = LoadMonitor()
-    for make in make_cases(args.quick, dtypes, args.case):
-        case = make()
-        for attempt in range(args.retries + 1):
-            print(f"# {case.name} {case.dtype} ...", end="", file=sys.stderr, flush=True)
-            monitor.start()
-            r, pr = run_case(case, args, torch)
-            load = monitor.stop()
-            print(f" other processes used {load:.2f} CPUs", file=sys.stderr, flush=True)
-            if load <= args.max_load:
-                break
-            if attempt < args.retries:
-                monitor.wait_quiet(args.max_load, timeout=60)
-        else:
-            busy.append(f"{case.name} {case.dtype} ({load:.2f} CPUs)")
-        rows += r
-        problems += pr
-        del case
+    for repeat in range(args.repeats):
+        for make in make_cases(args.quick, dtypes, args.case):
+            case = make()
+            label = f"{case.name} {case.dtype}" + \
+                (f" (run {repeat + 1}/{args.repeats})" if args.repeats > 1 else "")
+            for attempt in range(args.retries + 1):
+                print(f"# {label} ...", end="", file=sys.stderr, flush=True)
+                monitor.start()
+                times, pr = time_case(case, args, torch)
+                load = monitor.stop()
+                print(f" other processes used {load:.2f} CPUs", file=sys.stderr, flush=True)
+                if load <= args.max_load:
+                    break
+                if attempt < args.retries:
+                    monitor.wait_quiet(args.max_load, timeout=60)
+            else:
+                busy.append(f"{label} ({load:.2f} CPUs)")
+            meta = {"name": case.name, "group": case.group, "dtype": str(case.dtype),
+                    "nbytes": case.nbytes}
+            runs.setdefault((meta["name"], meta["dtype"]), (meta, []))[1].append(times)
+            problems += [p for p in pr if p not in problems]
+            del case
+    rows = [row for meta, times in runs.values() for row in case_rows(meta, median_times(times))]
     elapsed = time.perf_counter() - t0
 
     lines = header_lines(args, torch) + [""] + table(rows, not args.no_out) + [""] + \
