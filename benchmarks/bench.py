@@ -430,6 +430,22 @@ def time_case(case, args, torch):
     return times, problems
 
 
+def time_case_when_quiet(case, label, args, torch, monitor):
+    """time_case, re-run (after waiting for a quiet second) while other processes kept the CPUs
+    busy; also returns their load during the last attempt."""
+    for attempt in range(args.retries + 1):
+        print(f"# {label} ...", end="", file=sys.stderr, flush=True)
+        monitor.start()
+        times, problems = time_case(case, args, torch)
+        load = monitor.stop()
+        print(f" other processes used {load:.2f} CPUs", file=sys.stderr, flush=True)
+        if load <= args.max_load:
+            break
+        if attempt < args.retries:
+            monitor.wait_quiet(args.max_load, timeout=60)
+    return times, problems, load
+
+
 def median_times(runs):
     """The median over runs (lists of time_case's results) of each op's and contender's time."""
     return {op: {name: statistics.median(r[op][name] for r in runs) for name in runs[0][op]}
@@ -646,17 +662,8 @@ def main(argv=None):
             case = make()
             label = f"{case.name} {case.dtype}" + \
                 (f" (run {repeat + 1}/{args.repeats})" if args.repeats > 1 else "")
-            for attempt in range(args.retries + 1):
-                print(f"# {label} ...", end="", file=sys.stderr, flush=True)
-                monitor.start()
-                times, pr = time_case(case, args, torch)
-                load = monitor.stop()
-                print(f" other processes used {load:.2f} CPUs", file=sys.stderr, flush=True)
-                if load <= args.max_load:
-                    break
-                if attempt < args.retries:
-                    monitor.wait_quiet(args.max_load, timeout=60)
-            else:
+            times, pr, load = time_case_when_quiet(case, label, args, torch, monitor)
+            if load > args.max_load:
                 busy.append(f"{label} ({load:.2f} CPUs)")
             meta = {"name": case.name, "group": case.group, "dtype": str(case.dtype),
                     "nbytes": case.nbytes}
