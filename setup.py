@@ -38,8 +38,14 @@ setup(
     ext_modules=[
         Extension(
             "bnorm._bnorm",
-            sources=["csrc/module.c", "csrc/kernels.c", "csrc/buffers.c"],
-            depends=["csrc/kernels.h", "csrc/kernels_impl.h", "csrc/buffers.h"],
+            sources=[
+                "csrc/module.c", "csrc/args.c", "csrc/passes.c", "csrc/iter.c", "csrc/pool.c",
+                "csrc/kernels.c", "csrc/buffers.c",
+            ],
+            depends=[
+                "csrc/args.h", "csrc/passes.h", "csrc/iter.h", "csrc/pool.h", "csrc/kernels.h",
+                "csrc/kernels_target.h", "csrc/kernels_impl.h", "csrc/buffers.h",
+            ],
             include_dirs=[numpy.get_include(), "csrc"],
             define_macros=[("NPY_NO_DEPRECATED_API", "NPY_1_25_API_VERSION")],
             extra_compile_args=compile_args,

@@ -9,7 +9,7 @@ from .phases import backward_apply, backward_sums, batch_stats, combine_stats, n
 
 __version__ = "0.1.0"
 __all__ = ["forward", "backward", "BatchNorm", "get_num_threads", "set_num_threads",
-           "set_buffer_cache", "reference",
+           "set_buffer_cache", "cpu_target", "reference",
            "batch_stats", "combine_stats", "normalize", "backward_sums", "backward_apply",
            "__version__"]
 
@@ -21,6 +21,7 @@ backward = _bnorm.backward
 
 get_num_threads = _bnorm.get_num_threads
 set_num_threads = _bnorm.set_num_threads
+cpu_target = _bnorm.cpu_target
 
 
 def set_buffer_cache(max_bytes):

@@ -23,16 +23,12 @@ from . import _bnorm
 
 __all__ = ["batch_stats", "combine_stats", "normalize", "backward_sums", "backward_apply"]
 
-
-def batch_stats(x, *, axis=-1):
-    """Local statistics of ``x`` per feature: ``(count, mean, m2)``.
-
-    ``count`` is the number of elements reduced per feature (an int, 0 for an empty batch),
-    ``mean`` and ``m2 = sum((x - mean)**2)`` are float64 arrays of the feature shape (zeros when
-    count is 0).  Computed in one pass with float64 sums of shifted data: exact for float32 data
-    far from zero.
-    """
-    return _bnorm.batch_stats(x, axis)
+# The local phases are the C functions themselves (signatures and docstrings in csrc/module.c),
+# called with the same arguments as here.
+batch_stats = _bnorm.batch_stats
+normalize = _bnorm.normalize
+backward_sums = _bnorm.backward_sums
+backward_apply = _bnorm.backward_apply
 
 
 def combine_stats(counts, means, m2s):
@@ -70,27 +66,3 @@ def combine_stats(counts, means, m2s):
         m2 = m2 + m2_b + delta * delta * (n * n_b / total)
         n = total
     return n, mean, m2
-
-
-def normalize(x, mean, rstd, gamma=None, beta=None, *, axis=-1, out=None):
-    """``y = (x - mean) * rstd * gamma + beta`` with given per-feature ``mean`` and ``rstd``.
-
-    ``mean`` may be float64 even for float32 ``x``: its low bits are kept (``y`` is formed as
-    ``(x - round(mean)) * scale + (beta - residual * scale)``).  ``out`` as in ``bnorm.forward``.
-    """
-    return _bnorm.normalize(x, mean, rstd, gamma, beta, axis, out)
-
-
-def backward_sums(dy, x, mean, *, axis=-1):
-    """Local gradient sums per feature, float64: ``(sum(dy), sum(dy * (x - mean)))``.
-
-    ``mean`` is used as given (pass the global mean of a split batch)."""
-    return _bnorm.backward_sums(dy, x, mean, axis)
-
-
-def backward_apply(dy, x, mean, rstd, sum_dy, sum_dy_xmu, count, gamma=None, *, axis=-1,
-                   out=None):
-    """``dx`` of a training-mode batch norm from sums over the whole batch of ``count`` elements
-    per feature: ``dx = gamma * rstd * (dy - sum_dy / count - xhat * rstd * sum_dy_xmu / count)``
-    with ``xhat = (x - mean) * rstd``.  ``out`` as in ``bnorm.backward``."""
-    return _bnorm.backward_apply(dy, x, mean, rstd, gamma, sum_dy, sum_dy_xmu, count, axis, out)

@@ -1,41 +1,27 @@
-/* bnorm kernels: one iteration scheme over strided arrays, and four passes that batch norm is
- * made of, generated for float32 and float64 from kernels_impl.h.
- *
- * Features are numbered 0..F-1 in C order of the kept axes.  Every pass walks the same N-d box;
- * each dimension carries a byte stride per operand and a "feature stride" (how far the feature
- * number moves along it, 0 on batch dimensions), so a reduction and an elementwise pass see any
- * layout the same way.  The innermost two dimensions form a 2-D block handed to a kernel; the
- * rest are walked by an odometer.  No part of this file needs the GIL or the Python C API.
+/* The kernels' interface: what one pass does to one 2-D block of its operands, for each dtype and
+ * each CPU target the kernels are compiled for (kernels.c instantiates kernels_impl.h once per
+ * pair).  The iteration scheme (iter.h) cuts every pass into such blocks; nothing here knows about
+ * shapes beyond a block, nor about Python.
  */
 #ifndef BNORM_KERNELS_H
 #define BNORM_KERNELS_H
 
 #include <stddef.h>
+#include <stdint.h>
 
-#ifndef NPY_NO_DEPRECATED_API
-#define NPY_NO_DEPRECATED_API NPY_1_25_API_VERSION
-#endif
-#include <numpy/npy_common.h>
+/* NumPy's index type, without NumPy's headers (they include Python.h): the kernels, the iteration
+ * and the passes see no Python at all, so they run without the GIL by construction.  NumPy defines
+ * it as Py_intptr_t, which is intptr_t; where both are seen (args.c, module.c) C11 accepts the
+ * repeated typedef of one type, and a compiler error would tell if they ever differed. */
+typedef intptr_t npy_intp;
 
-#define BN_MAXDIMS 64 /* NumPy 2 allows 64 dimensions */
-#define BN_MAXOPS 3   /* x, dy, out */
+#define BN_MAXOPS 3 /* x, dy, out */
 
 /* Accumulators per feature that a reduction pass fills (all float64). */
 enum { BN_ACC_SUM0, BN_ACC_SUM1, BN_ACC_SUM2, BN_NACC };
 
-/* The box that a pass walks, built by bn_plan_init from the arrays' shape and strides. */
-typedef struct {
-    npy_intp ndim; /* >= 2 after bn_plan_init */
-    npy_intp nops;
-    npy_intp shape[BN_MAXDIMS];
-    npy_intp fstride[BN_MAXDIMS];
-    npy_intp stride[BN_MAXOPS][BN_MAXDIMS];
-    char *data[BN_MAXOPS];
-    npy_intp fbase; /* feature number of the box's first element */
-    npy_intp size;  /* elements in the box */
-} bn_plan;
-
-/* One 2-D block: n0 rows of n1 elements. */
+/* One 2-D block: n0 rows of n1 elements.  Operand k's element (i, j) is at
+ * ptr[k] + i * s0[k] + j * s1[k] (bytes) and belongs to feature f0 + i * fs0 + j * fs1. */
 typedef struct {
     npy_intp n0, n1;
     char *ptr[BN_MAXOPS];
@@ -66,32 +52,31 @@ typedef struct {
     size_t itemsize;
 } bn_dtype_kernels;
 
-extern const bn_dtype_kernels bn_kernels_float;
-extern const bn_dtype_kernels bn_kernels_double;
+typedef enum { BN_FLOAT32, BN_FLOAT64, BN_NDTYPES } bn_dtype;
 
-/* Build a plan over arrays of the given shape: strides[k] are operand k's byte strides, fstride
- * the feature stride of every dimension (0 on batch dimensions).  Drops length-1 dimensions,
- * turns negative strides of operand 0 around, orders dimensions from the largest strides to the
- * smallest and merges dimensions that are contiguous in every operand. */
-void bn_plan_init(bn_plan *plan, npy_intp ndim, const npy_intp *shape, const npy_intp *fstride,
-                  npy_intp nops, char *const *data, const npy_intp *const *strides);
+/* The CPU targets the kernels are compiled for, from the most widely runnable to the fastest.
+ * Outside x86-64 (and with compilers other than GCC) only the baseline is built. */
+typedef enum {
+    BN_TARGET_BASELINE,
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
+#define BN_X86_TARGETS 1
+    BN_TARGET_X86_64_V3, /* AVX2 + FMA */
+    BN_TARGET_X86_64_V4, /* AVX-512 */
+#endif
+    BN_NTARGETS
+} bn_target;
 
-/* Run a kernel over the plan.  For a reduction (coefs->acc != NULL) the accumulators must be
- * zeroed; the work is split into pieces that depend only on the plan, never on the thread count,
- * and partial sums are added in a fixed order, so results are bitwise reproducible.
- * Returns 0, or -1 if memory for partial sums could not be had.  Call without the GIL. */
-int bn_run(const bn_plan *plan, bn_kernel kernel, const bn_coefs *coefs);
+/* "baseline", "x86-64-v3", "x86-64-v4" */
+const char *bn_target_name(bn_target target);
 
-/* Copy each feature's first batch element of x (shape/strides of the kept axes, in order) to
- * dst, packed: the shift that the statistics pass subtracts.  itemsize: a float's or a double's. */
-void bn_gather_first(npy_intp nkept, const npy_intp *fshape, const npy_intp *fstrides,
-                     const char *data, size_t itemsize, char *dst);
+/* The best target this CPU runs. */
+bn_target bn_best_target(void);
 
-/* Threads the passes may use (>= 1), and the default: the CPUs this process may run on.
- * bn_threads_init registers the fork handlers: call it once, returns 0 or an errno value. */
-int bn_threads_init(void);
-npy_intp bn_default_num_threads(void);
-npy_intp bn_get_num_threads(void);
-void bn_set_num_threads(npy_intp n);
+/* Use target's kernels from now on (it must be <= bn_best_target()); chosen once, at import. */
+void bn_use_target(bn_target target);
+bn_target bn_current_target(void);
+
+/* The kernels of the current target for a dtype. */
+const bn_dtype_kernels *bn_kernels(bn_dtype dtype);
 
 #endif

@@ -1,6 +1,8 @@
-/* The batch-norm passes for one dtype.  kernels.c includes this file once per dtype with
- *   BN_T        the element type (float or double)
- *   BN_NAME(n)  n suffixed with the dtype's name
+/* The batch-norm passes for one dtype and CPU target.  kernels.c includes this file (through
+ * kernels_target.h) once per pair with
+ *   BN_T            the element type (float or double)
+ *   BN_NAME(n)      n suffixed with the dtype's and the target's names
+ *   BN_TARGET_ATTR  the target's function attribute (empty for the baseline)
  * defined.  Every loop is written once; bn_reduce and bn_apply call their body with the layout's
  * strides as compile-time constants where the layout is contiguous, so that GCC vectorizes those
  * copies, and with run-time strides otherwise.  Loads and stores go through memcpy: unaligned
@@ -269,23 +271,24 @@ static BN_INLINE void BN_NAME(apply)(const bn_block *b, const bn_coefs *c, const
         stream_fence();
 }
 
-/* The entry points: each is compiled for several instruction sets and picked at load time. */
-static BN_TARGETS void BN_NAME(stats)(const bn_block *b, const bn_coefs *c)
+/* The entry points, compiled for the target: the helpers above are inlined into them and so
+ * compiled for it too. */
+static BN_TARGET_ATTR void BN_NAME(stats)(const bn_block *b, const bn_coefs *c)
 {
     BN_NAME(reduce)(b, c, 0);
 }
 
-static BN_TARGETS void BN_NAME(bwd_sums)(const bn_block *b, const bn_coefs *c)
+static BN_TARGET_ATTR void BN_NAME(bwd_sums)(const bn_block *b, const bn_coefs *c)
 {
     BN_NAME(reduce)(b, c, 1);
 }
 
-static BN_TARGETS void BN_NAME(normalize)(const bn_block *b, const bn_coefs *c)
+static BN_TARGET_ATTR void BN_NAME(normalize)(const bn_block *b, const bn_coefs *c)
 {
     BN_NAME(apply)(b, c, 0);
 }
 
-static BN_TARGETS void BN_NAME(bwd_apply)(const bn_block *b, const bn_coefs *c)
+static BN_TARGET_ATTR void BN_NAME(bwd_apply)(const bn_block *b, const bn_coefs *c)
 {
     BN_NAME(apply)(b, c, 1);
 }

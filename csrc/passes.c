@@ -1,0 +1,182 @@
+/* Pass sequencing and per-feature arithmetic (see passes.h).  No Python here. */
+#include "passes.h"
+
+#include <math.h>
+#include <stdlib.h>
+
+int bn_scratch_alloc(bn_scratch *s, npy_intp nfeat, size_t itemsize)
+{
+    const size_t n = (size_t)(nfeat ? nfeat : 1);
+    enum { NDOUBLES = 6 + BN_NACC, NTYPED = 4 };
+    s->block = calloc(n, NDOUBLES * sizeof(double) + NTYPED * itemsize);
+    if (!s->block)
+        return -1;
+    double *d = s->block;
+    double **vectors[] = {&s->gamma, &s->beta, &s->mean, &s->var, &s->rstd, &s->resid};
+    for (size_t i = 0; i < sizeof vectors / sizeof *vectors; i++)
+        *vectors[i] = d + i * n;
+    s->acc = d + 6 * n;
+    char *t = (char *)(d + NDOUBLES * n);
+    char **typed[] = {&s->shift, &s->scale, &s->offset, &s->dyscale};
+    for (size_t i = 0; i < NTYPED; i++)
+        *typed[i] = t + i * n * itemsize;
+    return 0;
+}
+
+void bn_scratch_free(bn_scratch *s)
+{
+    free(s->block);
+    s->block = NULL;
+}
+
+/* Walk the operands with the plan the layout gives and run one pass. */
+static int run_pass(const bn_call *c, bn_kernel kernel, const bn_coefs *coefs, npy_intp nops,
+                    const bn_operand *const *ops)
+{
+    char *data[BN_MAXOPS];
+    const npy_intp *strides[BN_MAXOPS];
+    for (npy_intp k = 0; k < nops; k++) {
+        data[k] = ops[k]->data;
+        strides[k] = ops[k]->strides;
+    }
+    bn_plan plan;
+    bn_plan_init(&plan, c->L.ndim, c->L.shape, c->L.fstride, nops, data, strides);
+    return bn_run(&plan, kernel, coefs);
+}
+
+/* Split each mean into shift (the data's dtype) + resid, the mean's low bits that a float32 mean
+ * would lose: (x - shift) is exact near the mean, and resid goes into the per-feature offset. */
+static void split_mean(bn_call *c)
+{
+    bn_scratch *s = &c->s;
+    const size_t isz = c->K->itemsize;
+    for (npy_intp f = 0; f < c->L.nfeat; f++) {
+        bn_store_as(s->shift, f, s->mean[f], isz);
+        s->resid[f] = s->mean[f] - bn_load_as(s->shift, f, isz);
+    }
+}
+
+/* One pass, float64 sums of data shifted by each feature's first element (close to its mean, so
+ * no cancellation). */
+int bn_step_stats(bn_call *c)
+{
+    bn_scratch *s = &c->s;
+    const bn_layout *L = &c->L;
+    const size_t isz = c->K->itemsize;
+    npy_intp kept_strides[BN_MAXDIMS];
+    for (npy_intp i = 0; i < L->nkept; i++)
+        kept_strides[i] = c->x.strides[L->kept[i]];
+    bn_gather_first(L->nkept, L->fshape, kept_strides, c->x.data, isz, s->shift);
+    const bn_coefs sums = {.shift = s->shift, .acc = s->acc, .nfeat = L->nfeat};
+    const bn_operand *ops[1] = {&c->x};
+    if (run_pass(c, c->K->stats, &sums, 1, ops) < 0)
+        return -1;
+    const double *sum0 = s->acc, *sum1 = s->acc + L->nfeat;
+    for (npy_intp f = 0; f < L->nfeat; f++) {
+        const double d = sum0[f] / (double)L->m;
+        const double var = sum1[f] / (double)L->m - d * d;
+        s->mean[f] = bn_load_as(s->shift, f, isz) + d;
+        s->var[f] = var < 0 ? 0 : var; /* rounding only; NaN stays NaN */
+    }
+    return 0;
+}
+
+void bn_step_m2(bn_call *c)
+{
+    for (npy_intp f = 0; f < c->L.nfeat; f++)
+        c->s.var[f] *= (double)c->L.m;
+}
+
+int bn_step_rstd(bn_call *c, double eps)
+{
+    for (npy_intp f = 0; f < c->L.nfeat; f++)
+        c->s.rstd[f] = 1.0 / sqrt(c->s.var[f] + eps);
+    return 0;
+}
+
+/* As (x - shift) * scale + (beta - resid * scale): one subtraction and one fused multiply-add per
+ * element. */
+int bn_step_normalize(bn_call *c)
+{
+    bn_scratch *s = &c->s;
+    const size_t isz = c->K->itemsize;
+    split_mean(c);
+    for (npy_intp f = 0; f < c->L.nfeat; f++) {
+        bn_store_as(s->scale, f, s->rstd[f] * s->gamma[f], isz);
+        const double scale = bn_load_as(s->scale, f, isz);
+        bn_store_as(s->offset, f, s->beta[f] - s->resid[f] * scale, isz);
+    }
+    const bn_coefs coefs = {.shift = s->shift, .scale = s->scale, .offset = s->offset,
+                            .nfeat = c->L.nfeat};
+    const bn_operand *ops[2] = {&c->x, &c->result};
+    return run_pass(c, c->K->normalize, &coefs, 2, ops);
+}
+
+/* batch_mean: the low part of the mean is recomputed from the data, so the sums are exact even
+ * when mean was rounded to float32. */
+int bn_step_bwd_sums(bn_call *c, int batch_mean)
+{
+    bn_scratch *s = &c->s;
+    const npy_intp nf = c->L.nfeat;
+    split_mean(c);
+    const bn_coefs sums = {.shift = s->shift, .acc = s->acc, .nfeat = nf};
+    const bn_operand *ops[2] = {&c->x, &c->dy};
+    if (run_pass(c, c->K->bwd_sums, &sums, 2, ops) < 0)
+        return -1;
+    double *sum_dy = s->acc, *sum_dyv = s->acc + nf, *sum_v = s->acc + 2 * nf;
+    for (npy_intp f = 0; f < nf; f++) {
+        if (batch_mean)
+            s->resid[f] = sum_v[f] / (double)c->L.m;
+        sum_dyv[f] -= s->resid[f] * sum_dy[f];
+    }
+    return 0;
+}
+
+/* training: dx = gamma * rstd * (dy - sum_dy / count - xhat * rstd * sum_dy_xmu / count);
+ * otherwise dx = gamma * rstd * dy. */
+int bn_step_bwd_apply(bn_call *c, double count, int training)
+{
+    bn_scratch *s = &c->s;
+    const npy_intp nf = c->L.nfeat;
+    const size_t isz = c->K->itemsize;
+    const double *sum_dy = s->acc, *sum_dy_xmu = s->acc + nf;
+    for (npy_intp f = 0; f < nf; f++) {
+        const double r = s->rstd[f], a = s->gamma[f] * r;
+        bn_store_as(s->scale, f, training ? -a * r * r * sum_dy_xmu[f] / count : a, isz);
+        const double scale = bn_load_as(s->scale, f, isz);
+        bn_store_as(s->offset, f, training ? -a * sum_dy[f] / count - s->resid[f] * scale : 0.0,
+                    isz);
+        bn_store_as(s->dyscale, f, a, isz);
+        if (!training)
+            bn_store_as(s->shift, f, 0.0, isz);
+    }
+    const bn_coefs coefs = {.shift = s->shift, .scale = s->scale, .offset = s->offset,
+                            .dyscale = s->dyscale, .nfeat = nf};
+    if (training) {
+        const bn_operand *ops[3] = {&c->x, &c->dy, &c->result};
+        return run_pass(c, c->K->bwd_apply, &coefs, 3, ops);
+    }
+    /* dx = a * dy does not read x: the normalize pass over dy, with zero shift and offset */
+    const bn_operand *ops[2] = {&c->dy, &c->result};
+    return run_pass(c, c->K->normalize, &coefs, 2, ops);
+}
+
+int bn_step_bwd_apply_given(bn_call *c, double count)
+{
+    split_mean(c);
+    return bn_step_bwd_apply(c, count, 1);
+}
+
+const double *bn_step_dgamma(bn_call *c)
+{
+    const npy_intp nf = c->L.nfeat;
+    for (npy_intp f = 0; f < nf; f++)
+        c->s.var[f] = c->s.rstd[f] * c->s.acc[nf + f];
+    return c->s.var;
+}
+
+void bn_running_update(double *work, const double *batch, double momentum, npy_intp nfeat)
+{
+    for (npy_intp f = 0; f < nfeat; f++)
+        work[f] = momentum * work[f] + (1.0 - momentum) * batch[f];
+}

@@ -1,0 +1,102 @@
+/* The sequencing of passes and the per-feature arithmetic around them, for one call.
+ *
+ * Everything here works on plain C structs (the layout of the axes, the operands' data and
+ * strides, the per-feature scratch) and holds no Python object, so that it runs without the GIL
+ * by construction: module.c releases the GIL around the steps.  Each step returns 0, or -1 when
+ * memory ran out (the caller raises MemoryError).
+ */
+#ifndef BNORM_PASSES_H
+#define BNORM_PASSES_H
+
+#include <string.h>
+
+#include "iter.h"
+
+/* The axes of x: which are kept (features), how features are numbered. */
+typedef struct {
+    npy_intp ndim;                /* of x */
+    const npy_intp *shape;        /* x's (borrowed) */
+    npy_intp nkept;               /* feature axes, ascending */
+    npy_intp kept[BN_MAXDIMS];
+    npy_intp fshape[BN_MAXDIMS];  /* F */
+    npy_intp fstride[BN_MAXDIMS]; /* per axis of x: feature-number stride, 0 on batch axes */
+    npy_intp nfeat;               /* prod(F) */
+    npy_intp m;                   /* elements reduced per feature */
+} bn_layout;
+
+/* An array of the layout's shape: its data and byte strides (borrowed). */
+typedef struct {
+    char *data;
+    const npy_intp *strides;
+} bn_operand;
+
+/* Everything a call computes per feature, float64 unless noted, in one allocation. */
+typedef struct {
+    double *gamma, *beta, *mean, *var, *rstd;
+    double *resid; /* mean minus shift: the low part the data's dtype cannot hold */
+    double *acc;   /* BN_NACC * nfeat reduction sums */
+    char *shift, *scale, *offset, *dyscale; /* in the data's dtype */
+    void *block;
+} bn_scratch;
+
+/* One call: its layout, kernels, operands (x; dy for backward; result, what an elementwise pass
+ * writes) and scratch. */
+typedef struct {
+    bn_layout L;
+    const bn_dtype_kernels *K;
+    bn_operand x, dy, result;
+    bn_scratch s;
+} bn_call;
+
+/* Per-feature vectors in the data's dtype (itemsize 4: float, 8: double), element f. */
+static inline void bn_store_as(char *dst, npy_intp f, double v, size_t itemsize)
+{
+    if (itemsize == sizeof(float)) {
+        const float v32 = (float)v;
+        memcpy(dst + (size_t)f * sizeof v32, &v32, sizeof v32);
+    } else {
+        memcpy(dst + (size_t)f * sizeof v, &v, sizeof v);
+    }
+}
+
+static inline double bn_load_as(const char *src, npy_intp f, size_t itemsize)
+{
+    if (itemsize == sizeof(float)) {
+        float v32;
+        memcpy(&v32, src + (size_t)f * sizeof v32, sizeof v32);
+        return v32;
+    }
+    double v;
+    memcpy(&v, src + (size_t)f * sizeof v, sizeof v);
+    return v;
+}
+
+/* The scratch for nfeat features (zeroed), and its release (bn_scratch_free of a zeroed struct
+ * is a no-op).  Returns 0 or -1. */
+int bn_scratch_alloc(bn_scratch *s, npy_intp nfeat, size_t itemsize);
+void bn_scratch_free(bn_scratch *s);
+
+/* Batch mean and biased variance of x per feature into s.mean, s.var. */
+int bn_step_stats(bn_call *c);
+/* s.var = m2 = sum((x - mean)^2) per feature, from the variance bn_step_stats left. */
+void bn_step_m2(bn_call *c);
+/* s.rstd = 1 / sqrt(s.var + eps) (returns 0, to chain with the steps that can fail) */
+int bn_step_rstd(bn_call *c, double eps);
+/* result = (x - mean) * (rstd * gamma) + beta */
+int bn_step_normalize(bn_call *c);
+
+/* acc[0] = sum(dy), acc[1] = sum(dy * (x - mean)) per feature.  batch_mean: mean is x's own
+ * batch mean (its low part is recomputed from the data); otherwise mean is taken as given. */
+int bn_step_bwd_sums(bn_call *c, int batch_mean);
+/* result = dx from the sums in acc, over count elements per feature (training), or
+ * dx = gamma * rstd * dy (not training). */
+int bn_step_bwd_apply(bn_call *c, double count, int training);
+/* bn_step_bwd_apply(training) with sums reduced elsewhere (across workers), mean as given. */
+int bn_step_bwd_apply_given(bn_call *c, double count);
+/* dgamma per feature, rstd * sum(dy * (x - mean)), into s.var (free in backward); returns it. */
+const double *bn_step_dgamma(bn_call *c);
+
+/* work = momentum * work + (1 - momentum) * batch, per feature: a running statistic's update. */
+void bn_running_update(double *work, const double *batch, double momentum, npy_intp nfeat);
+
+#endif
