@@ -26,14 +26,16 @@
 /* ---- result objects ---- */
 
 /* A new array of shape F holding values, in type_num (float32 or float64). */
-static PyArrayObject *feature_array(const call *c, int type_num, const double *values)
+static PyArrayObject *feature_array(const bn_layout *L, int type_num, const double *values)
 {
-    const bn_layout *L = &c->core.L;
     PyArrayObject *a =
         (PyArrayObject *)PyArray_SimpleNew(L->nkept, (npy_intp *)L->fshape, type_num);
-    if (a)
+    if (a) {
+        char *data = PyArray_BYTES(a);
+        const size_t itemsize = (size_t)PyArray_ITEMSIZE(a);
         for (npy_intp f = 0; f < L->nfeat; f++)
-            bn_store_as(PyArray_BYTES(a), f, values[f], (size_t)PyArray_ITEMSIZE(a));
+            bn_store_as(data, f, values[f], itemsize);
+    }
     return a;
 }
 
@@ -49,15 +51,9 @@ static PyArrayObject *new_running(PyObject *obj, const double *batch, double mom
     bn_running_update(work, batch, momentum, L->nfeat);
     PyArray_Descr *descr = PyArray_DESCR((PyArrayObject *)obj);
     const int type_num = descr->type_num;
-    if ((type_num == NPY_FLOAT || type_num == NPY_DOUBLE) && PyArray_ISNBO(descr->byteorder)) {
+    if ((type_num == NPY_FLOAT || type_num == NPY_DOUBLE) && PyArray_ISNBO(descr->byteorder))
         /* the usual case, without NumPy's casting machinery (a third of a small call's time) */
-        PyArrayObject *a =
-            (PyArrayObject *)PyArray_SimpleNew(L->nkept, (npy_intp *)L->fshape, type_num);
-        if (a)
-            for (npy_intp f = 0; f < L->nfeat; f++)
-                bn_store_as(PyArray_BYTES(a), f, work[f], (size_t)PyArray_ITEMSIZE(a));
-        return a;
-    }
+        return feature_array(L, type_num, work);
     PyArrayObject *tmp = (PyArrayObject *)PyArray_SimpleNewFromData(
         L->nkept, (npy_intp *)L->fshape, NPY_DOUBLE, work);
     if (!tmp)
@@ -85,7 +81,7 @@ static int store_running(PyObject *r, PyArrayObject *values)
 static PyArrayObject *sum_to_param(const call *c, PyArrayObject *param, const double *values)
 {
     if (!param)
-        return feature_array(c, c->type_num, values);
+        return feature_array(&c->core.L, c->type_num, values);
     const bn_layout *L = &c->core.L;
     const npy_intp n = PyArray_SIZE(param);
     npy_intp *map = PyMem_Malloc(sizeof(npy_intp) * (size_t)(L->nfeat ? L->nfeat : 1));
@@ -101,8 +97,10 @@ static PyArrayObject *sum_to_param(const call *c, PyArrayObject *param, const do
     broadcast_map(L, PyArray_NDIM(param), PyArray_DIMS(param), map);
     for (npy_intp f = 0; f < L->nfeat; f++)
         work[map[f]] += values[f];
+    char *data = PyArray_BYTES(a);
+    const size_t itemsize = (size_t)PyArray_ITEMSIZE(a);
     for (npy_intp g = 0; g < n; g++)
-        bn_store_as(PyArray_BYTES(a), g, work[g], (size_t)PyArray_ITEMSIZE(a));
+        bn_store_as(data, g, work[g], itemsize);
     PyMem_Free(map);
     PyMem_Free(work);
     return a;
@@ -209,8 +207,8 @@ static PyObject *bn_forward(PyObject *self, PyObject *const *args, Py_ssize_t na
     RUN_WITHOUT_GIL(failed, bn_step_rstd(core, a.eps) < 0 || bn_step_normalize(core) < 0);
     if (failed)
         goto done;
-    mean = feature_array(&c, c.type_num, s->mean);
-    rstd = feature_array(&c, c.type_num, s->rstd);
+    mean = feature_array(&c.core.L, c.type_num, s->mean);
+    rstd = feature_array(&c.core.L, c.type_num, s->rstd);
     PyObject *y = mean && rstd ? call_finish(&c) : NULL;
     if (!y ||
         (new_rmean && store_running(a.running_mean, new_rmean) < 0) ||
@@ -285,7 +283,7 @@ static PyObject *bn_backward(PyObject *self, PyObject *const *args, Py_ssize_t n
         goto done;
     /* dgamma = rstd * sum(dy * (x - mean)), dbeta = sum(dy) */
     dgamma = sum_to_param(&c, gamma, bn_step_dgamma(core));
-    dbeta = feature_array(&c, c.type_num, s->acc);
+    dbeta = feature_array(&c.core.L, c.type_num, s->acc);
     PyObject *dx = dgamma && dbeta ? call_finish(&c) : NULL;
     if (dx)
         result = PyTuple_Pack(3, dx, (PyObject *)dgamma, (PyObject *)dbeta);
@@ -334,8 +332,8 @@ static PyObject *bn_batch_stats(PyObject *self, PyObject *const *args, Py_ssize_
             goto done;
     }
     bn_step_m2(&c.core);
-    PyArrayObject *mean = feature_array(&c, NPY_DOUBLE, c.core.s.mean);
-    PyArrayObject *m2 = feature_array(&c, NPY_DOUBLE, c.core.s.var);
+    PyArrayObject *mean = feature_array(&c.core.L, NPY_DOUBLE, c.core.s.mean);
+    PyArrayObject *m2 = feature_array(&c.core.L, NPY_DOUBLE, c.core.s.var);
     if (mean && m2)
         result = Py_BuildValue("nOO", (Py_ssize_t)c.core.L.m, mean, m2);
     Py_XDECREF(mean);
@@ -426,8 +424,9 @@ static PyObject *bn_backward_sums(PyObject *self, PyObject *const *args, Py_ssiz
     RUN_WITHOUT_GIL(failed, bn_step_bwd_sums(&c.core, 0) < 0);
     if (failed)
         goto done;
-    PyArrayObject *sum_dy = feature_array(&c, NPY_DOUBLE, c.core.s.acc);
-    PyArrayObject *sum_dy_xmu = feature_array(&c, NPY_DOUBLE, c.core.s.acc + c.core.L.nfeat);
+    const bn_layout *L = &c.core.L;
+    PyArrayObject *sum_dy = feature_array(L, NPY_DOUBLE, c.core.s.acc);
+    PyArrayObject *sum_dy_xmu = feature_array(L, NPY_DOUBLE, c.core.s.acc + L->nfeat);
     if (sum_dy && sum_dy_xmu)
         result = PyTuple_Pack(2, (PyObject *)sum_dy, (PyObject *)sum_dy_xmu);
     Py_XDECREF(sum_dy);
