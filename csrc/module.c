@@ -649,5 +649,20 @@ PyMODINIT_FUNC PyInit__bnorm(void)
         PyErr_SetString(PyExc_RuntimeError, "bnorm: could not register a fork handler");
         return NULL;
     }
-    return PyModule_Create(&module);
+    PyObject *m = PyModule_Create(&module);
+    PyObject *targets = m ? PyTuple_New(BN_NTARGETS) : NULL;
+    for (int t = 0; targets && t < BN_NTARGETS; t++) {
+        PyObject *name = PyUnicode_FromString(bn_target_name((bn_target)t));
+        if (!name)
+            Py_CLEAR(targets);
+        else
+            PyTuple_SET_ITEM(targets, t, name);
+    }
+    /* the targets this build has kernels for, from the most widely runnable to the fastest */
+    if (!targets || PyModule_AddObject(m, "compiled_targets", targets) < 0) {
+        Py_XDECREF(targets);
+        Py_XDECREF(m);
+        return NULL;
+    }
+    return m;
 }

@@ -21,3 +21,9 @@ _common = dict(
 settings.register_profile("ci", max_examples=300, **_common)
 settings.register_profile("deep", max_examples=5000, **_common)
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
+
+
+def pytest_report_header(config):
+    import bnorm
+    return f"bnorm {bnorm.__version__}: CPU target {bnorm.cpu_target()} (BNORM_CPU caps it), " \
+           f"{bnorm.get_num_threads()} threads"
