@@ -14,7 +14,7 @@
 #define BN_ROWS 4 /* batch rows side by side */
 /* and in the statistics pass, which reads x alone: each group loads and stores the per-feature
  * sums once, so larger groups halve that traffic ((4096,1024) float64 on 2 threads: 0.83 ->
- * 0.55 ms; (256,1024) float32 44 -> 39 us) */
+ * 0.55 ms; (256,1024) float32 44 -> 36 us) */
 #define BN_STATS_ROWS 8
 /* bytes in one way of the L1 data cache: addresses this far apart share a set */
 #define BN_L1_WAY 4096
@@ -29,7 +29,7 @@
  * output with non-temporal stores.  A plain store first reads the line it writes; past the last
  * level cache (32 MB here) that read costs a third of the traffic, and the prefetchers of the
  * machine we measured follow a pass that reads per-feature coefficients badly besides: normalize
- * (4096,1024) float32 on one thread 1.03 -> 0.62 ms, (16384,1024) 5.7 -> 3.5 ms; on 8 MiB arrays,
+ * (4096,1024) float32 on one thread 1.3 -> 0.63 ms, (16384,1024) 5.7 -> 3.5 ms; on 8 MiB arrays,
  * whose input and output stay in that cache, plain stores are faster (235 vs 308 us). */
 #define BN_STREAM_OUT ((npy_intp)24 << 20)
 /* ... except a pass over short rows (BN_SHORT_ROW_APPLY bytes at most), which reads and writes
