@@ -155,6 +155,26 @@ int bn_to_momentum(PyObject *obj, void *local, const char *name)
     return 0;
 }
 
+int bn_to_ddof(PyObject *obj, void *local, const char *name)
+{
+    PyObject *index = PyNumber_Index(obj); /* True is 1, as NumPy's ddof takes it */
+    if (!index) {
+        PyErr_Clear();
+        PyErr_Format(PyExc_TypeError, "bnorm: %s must be the int 0 or 1, got %R", name, obj);
+        return -1;
+    }
+    int overflow;
+    const long v = PyLong_AsLongAndOverflow(index, &overflow);
+    Py_DECREF(index);
+    if (overflow || (v != 0 && v != 1)) {
+        PyErr_Format(PyExc_ValueError, "bnorm: %s must be 0 (biased) or 1 (unbiased), got %R",
+                     name, obj);
+        return -1;
+    }
+    *(int *)local = (int)v;
+    return 0;
+}
+
 int bn_to_count(PyObject *obj, void *local, const char *name)
 {
     double *v = local;
@@ -365,27 +385,44 @@ void broadcast_map(const bn_layout *L, npy_intp src_ndim, const npy_intp *src_sh
     }
 }
 
-static int broadcasts_to_features(const bn_layout *L, PyArrayObject *arr)
+npy_intp param_dims(const bn_layout *L, PyArrayObject *arr, npy_intp *dims)
 {
-    const npy_intp nd = PyArray_NDIM(arr), lead = L->nkept - nd;
+    const npy_intp nd = PyArray_NDIM(arr);
+    int keepdims = nd == L->ndim && nd > L->nkept;
+    for (npy_intp d = 0, i = 0; keepdims && d < nd; d++) {
+        const int kept = i < L->nkept && L->kept[i] == d;
+        if (kept)
+            dims[i++] = PyArray_DIM(arr, d);
+        else if (PyArray_DIM(arr, d) != 1)
+            keepdims = 0;
+    }
+    if (keepdims)
+        return L->nkept;
+    memcpy(dims, PyArray_DIMS(arr), sizeof(npy_intp) * (size_t)nd);
+    return nd;
+}
+
+/* dims (of a parameter, as param_dims gives them) broadcast to F, by NumPy's rules. */
+static int broadcasts_to_features(const bn_layout *L, npy_intp nd, const npy_intp *dims)
+{
+    const npy_intp lead = L->nkept - nd;
     if (lead < 0)
         return 0;
-    for (npy_intp d = 0; d < nd; d++) {
-        const npy_intp n = PyArray_DIM(arr, d);
-        if (n != 1 && n != L->fshape[lead + d])
+    for (npy_intp d = 0; d < nd; d++)
+        if (dims[d] != 1 && dims[d] != L->fshape[lead + d])
             return 0;
-    }
     return 1;
 }
 
-static int has_feature_shape(const bn_layout *L, PyArrayObject *arr)
+static int is_feature_shape(const bn_layout *L, npy_intp nd, const npy_intp *dims)
 {
-    if (PyArray_NDIM(arr) != L->nkept)
-        return 0;
-    for (npy_intp d = 0; d < L->nkept; d++)
-        if (PyArray_DIM(arr, d) != L->fshape[d])
-            return 0;
-    return 1;
+    return nd == L->nkept && PyArray_CompareLists(dims, L->fshape, nd);
+}
+
+int has_feature_shape(const bn_layout *L, PyArrayObject *arr)
+{
+    npy_intp dims[BN_MAXDIMS];
+    return is_feature_shape(L, param_dims(L, arr, dims), dims);
 }
 
 int per_feature(PyObject *obj, const char *name, const bn_layout *L, int exact, double dflt,
@@ -399,16 +436,20 @@ int per_feature(PyObject *obj, const char *name, const bn_layout *L, int exact, 
     PyArrayObject *arr = as_param_array(obj, name);
     if (!arr)
         return -1;
-    if (exact ? !has_feature_shape(L, arr) : !broadcasts_to_features(L, arr)) {
+    npy_intp dims[BN_MAXDIMS];
+    const npy_intp nd = param_dims(L, arr, dims);
+    const int shaped_f = is_feature_shape(L, nd, dims);
+    if (exact ? !shaped_f : !broadcasts_to_features(L, nd, dims)) {
         shape_error(PyExc_ValueError, name, PyArray_NDIM(arr), PyArray_DIMS(arr),
-                    exact ? "but the feature shape is" : "which does not broadcast to the feature shape",
+                    exact ? "but the feature shape is"
+                          : "which does not broadcast to the feature shape",
                     L->nkept, L->fshape);
         Py_DECREF(arr);
         return -1;
     }
-    if (has_feature_shape(L, arr) && PyArray_IS_C_CONTIGUOUS(arr) && PyArray_ISALIGNED(arr) &&
+    if (shaped_f && PyArray_IS_C_CONTIGUOUS(arr) && PyArray_ISALIGNED(arr) &&
         PyArray_ISNOTSWAPPED(arr) && is_supported_float(PyArray_TYPE(arr))) {
-        /* the common case, read as it is: an F-shaped float32/float64 vector */
+        /* the common case, read as it is: an F-shaped (or keepdims) float32/float64 vector */
         for (npy_intp f = 0; f < L->nfeat; f++)
             dst[f] = bn_load_as(PyArray_BYTES(arr), f, (size_t)PyArray_ITEMSIZE(arr));
     } else if (gather_broadcast(L, arr, dst) < 0) {
@@ -450,7 +491,8 @@ static int gather_broadcast(const bn_layout *L, PyArrayObject *arr, double *dst)
             PyErr_NoMemory();
         return -1;
     }
-    broadcast_map(L, PyArray_NDIM(arr), PyArray_DIMS(arr), map);
+    npy_intp dims[BN_MAXDIMS];
+    broadcast_map(L, param_dims(L, arr, dims), dims, map);
     const double *src = (const double *)PyArray_DATA(dbl);
     for (npy_intp f = 0; f < L->nfeat; f++)
         dst[f] = src[map[f]];
@@ -621,9 +663,23 @@ int call_data(call *c, PyObject *x_obj, PyObject *dy_obj, PyObject *axis)
 
 int call_require_batch(const call *c)
 {
-    if (c->core.L.m == 0) {
+    const bn_layout *L = &c->core.L;
+    if (L->m == 0) {
         PyErr_SetString(PyExc_ValueError,
                         "bnorm: no elements to reduce over (a batch axis has length 0)");
+        return -1;
+    }
+    if (L->m == 1) {
+        /* y would be beta and dx zero: always a mistake, most often a 1-d x (every element its
+         * own feature under axis=-1) or a batch of one */
+        PyObject *shape = shape_tuple(L->ndim, L->shape), *fshape = shape_tuple(L->nkept, L->fshape);
+        if (shape && fshape)
+            PyErr_Format(PyExc_ValueError,
+                         "bnorm: training needs more than one value per feature, but x of shape "
+                         "%R has one per feature (feature shape %R: axis names the kept axes; "
+                         "training=False normalizes with running statistics)", shape, fshape);
+        Py_XDECREF(shape);
+        Py_XDECREF(fshape);
         return -1;
     }
     return 0;

@@ -66,11 +66,13 @@ int bn_bind(const bn_spec *spec, PyObject *const *args, Py_ssize_t nargs, PyObje
             void *locals);
 
 /* Converters: the object itself (PyObject *, borrowed); a truth value (int); eps, a finite
- * double >= 0; momentum, a double in [0, 1]; an element count, a double > 0. */
+ * double >= 0; momentum, a double in [0, 1]; a variance's ddof, the int 0 or 1; an element count,
+ * a double > 0. */
 int bn_to_object(PyObject *obj, void *local, const char *name);
 int bn_to_bool(PyObject *obj, void *local, const char *name);
 int bn_to_eps(PyObject *obj, void *local, const char *name);
 int bn_to_momentum(PyObject *obj, void *local, const char *name);
+int bn_to_ddof(PyObject *obj, void *local, const char *name);
 int bn_to_count(PyObject *obj, void *local, const char *name);
 
 /* ---- arrays ---- */
@@ -86,7 +88,7 @@ typedef struct {
 
 /* x (and dy, if dy_obj is given) as data arrays, the layout of axis, the kernels, the scratch. */
 int call_data(call *c, PyObject *x_obj, PyObject *dy_obj, PyObject *axis);
-/* ValueError when training has no elements to reduce over. */
+/* ValueError when training has fewer than two elements per feature to reduce over. */
 int call_require_batch(const call *c);
 /* Check out= (Py_None: a new array) and choose the array the elementwise pass writes. */
 int call_out(call *c, PyObject *out_obj);
@@ -103,8 +105,15 @@ int per_feature(PyObject *obj, const char *name, const bn_layout *L, int exact, 
  * TypeError. */
 int required_per_feature(PyObject *obj, const char *name, const bn_layout *L, int exact,
                          double *dst);
-/* Running statistics are updated in place: a writable float ndarray of shape F. */
+/* Running statistics are updated in place: a writable float ndarray of shape F (or keepdims). */
 int check_running(PyObject *obj, const char *name, const bn_layout *L);
+
+/* The shape a per-feature parameter is read in (its ndim, dims filled): its own, or for x's
+ * keepdims shape (x.ndim axes, length 1 on every batch axis: (1, C, 1, 1) for NCHW) the lengths of
+ * its feature axes alone.  The two have the same elements in the same C order. */
+npy_intp param_dims(const bn_layout *L, PyArrayObject *arr, npy_intp *dims);
+/* Whether param_dims of arr is F itself. */
+int has_feature_shape(const bn_layout *L, PyArrayObject *arr);
 
 /* For every feature f (C order over F), the C-order element index of an array of src_shape that
  * broadcasts onto it. */

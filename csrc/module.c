@@ -25,37 +25,44 @@
 
 /* ---- result objects ---- */
 
-/* A new array of shape F holding values, in type_num (float32 or float64). */
-static PyArrayObject *feature_array(const bn_layout *L, int type_num, const double *values)
+/* A new array of shape dims holding values (one per element, in C order), in type_num (float32
+ * or float64). */
+static PyArrayObject *values_array(npy_intp nd, const npy_intp *dims, int type_num,
+                                   const double *values)
 {
-    PyArrayObject *a =
-        (PyArrayObject *)PyArray_SimpleNew(L->nkept, (npy_intp *)L->fshape, type_num);
+    PyArrayObject *a = (PyArrayObject *)PyArray_SimpleNew(nd, (npy_intp *)dims, type_num);
     if (a) {
         char *data = PyArray_BYTES(a);
         const size_t itemsize = (size_t)PyArray_ITEMSIZE(a);
-        for (npy_intp f = 0; f < L->nfeat; f++)
-            bn_store_as(data, f, values[f], itemsize);
+        for (npy_intp i = 0; i < PyArray_SIZE(a); i++)
+            bn_store_as(data, i, values[i], itemsize);
     }
     return a;
 }
 
-/* momentum * r + (1 - momentum) * batch, computed in float64 and cast to r's own dtype, as a new
- * array: the cast can raise (a float16 statistic overflowing under np.errstate(over="raise") or
+static PyArrayObject *feature_array(const bn_layout *L, int type_num, const double *values)
+{
+    return values_array(L->nkept, L->fshape, type_num, values);
+}
+
+/* momentum * r + (1 - momentum) * batch_scale * batch, computed in float64 and cast to r's own
+ * dtype and shape (F or keepdims), as a new array: the cast can raise (a float16 statistic overflowing under np.errstate(over="raise") or
  * with warnings as errors), so it is done before anything is written; the copy into r at the end
  * is between equal dtypes and cannot. */
-static PyArrayObject *new_running(PyObject *obj, const double *batch, double momentum,
-                                  const bn_layout *L, double *work)
+static PyArrayObject *new_running(PyObject *obj, const double *batch, double batch_scale,
+                                  double momentum, const bn_layout *L, double *work)
 {
     if (per_feature(obj, "running statistic", L, 1, 0.0, work, NULL) < 0)
         return NULL;
-    bn_running_update(work, batch, momentum, L->nfeat);
-    PyArray_Descr *descr = PyArray_DESCR((PyArrayObject *)obj);
+    bn_running_update(work, batch, batch_scale, momentum, L->nfeat);
+    PyArrayObject *r = (PyArrayObject *)obj;
+    PyArray_Descr *descr = PyArray_DESCR(r);
     const int type_num = descr->type_num;
     if ((type_num == NPY_FLOAT || type_num == NPY_DOUBLE) && PyArray_ISNBO(descr->byteorder))
         /* the usual case, without NumPy's casting machinery (a third of a small call's time) */
-        return feature_array(L, type_num, work);
+        return values_array(PyArray_NDIM(r), PyArray_DIMS(r), type_num, work);
     PyArrayObject *tmp = (PyArrayObject *)PyArray_SimpleNewFromData(
-        L->nkept, (npy_intp *)L->fshape, NPY_DOUBLE, work);
+        PyArray_NDIM(r), PyArray_DIMS(r), NPY_DOUBLE, work);
     if (!tmp)
         return NULL;
     Py_INCREF(descr); /* PyArray_CastToType steals it */
@@ -75,7 +82,8 @@ static int store_running(PyObject *r, PyArrayObject *values)
     return PyArray_CopyInto(dst, values);
 }
 
-/* dgamma in gamma's shape: per-feature values summed over what gamma was broadcast over.  The
+/* dgamma in gamma's shape: per-feature values summed over what gamma was broadcast over (a
+ * keepdims gamma broadcasts over nothing: the values, in its shape).  The
  * sums get a buffer of their own: gamma can have more elements than there are features (a
  * length-1 axis of gamma broadcast to a length-0 feature axis), so no per-feature scratch fits. */
 static PyArrayObject *sum_to_param(const call *c, PyArrayObject *param, const double *values)
@@ -86,21 +94,17 @@ static PyArrayObject *sum_to_param(const call *c, PyArrayObject *param, const do
     const npy_intp n = PyArray_SIZE(param);
     npy_intp *map = PyMem_Malloc(sizeof(npy_intp) * (size_t)(L->nfeat ? L->nfeat : 1));
     double *work = PyMem_Calloc((size_t)(n ? n : 1), sizeof(double));
-    PyArrayObject *a = (PyArrayObject *)PyArray_SimpleNew(PyArray_NDIM(param),
-                                                          PyArray_DIMS(param), c->type_num);
-    if (!map || !work || !a) {
+    if (!map || !work) {
         PyMem_Free(map);
         PyMem_Free(work);
-        Py_XDECREF(a);
-        return (PyArrayObject *)(PyErr_Occurred() ? NULL : PyErr_NoMemory());
+        return (PyArrayObject *)PyErr_NoMemory();
     }
-    broadcast_map(L, PyArray_NDIM(param), PyArray_DIMS(param), map);
+    npy_intp dims[BN_MAXDIMS];
+    broadcast_map(L, param_dims(L, param, dims), dims, map);
     for (npy_intp f = 0; f < L->nfeat; f++)
         work[map[f]] += values[f];
-    char *data = PyArray_BYTES(a);
-    const size_t itemsize = (size_t)PyArray_ITEMSIZE(a);
-    for (npy_intp g = 0; g < n; g++)
-        bn_store_as(data, g, work[g], itemsize);
+    PyArrayObject *a =
+        values_array(PyArray_NDIM(param), PyArray_DIMS(param), c->type_num, work);
     PyMem_Free(map);
     PyMem_Free(work);
     return a;
@@ -116,16 +120,22 @@ static const char forward_doc[] =
     "lengths in axis order.  ``mean`` and ``rstd = 1/sqrt(var + eps)`` have shape ``F`` and\n"
     "``x``'s dtype; with ``x`` they are all that ``backward`` needs.\n"
     "\n"
-    "training=True: batch statistics, with the biased variance.  If ``running_mean`` /\n"
-    "``running_var`` (writable float arrays of shape ``F``) are given they are updated in\n"
-    "place as ``r = momentum * r + (1 - momentum) * batch_stat`` (momentum is the weight of\n"
-    "the old value, as in the post and Keras; PyTorch's ``momentum=m`` is ours ``1 - m``);\n"
-    "the running variance is the same biased variance used to normalize.\n"
+    "training=True: batch statistics, with the biased variance; it needs two or more values\n"
+    "per feature (M >= 2: with one, ``y`` would be ``beta``, so it is a ValueError).  If\n"
+    "``running_mean`` / ``running_var`` (writable float arrays of shape ``F``) are given they\n"
+    "are updated in place as ``r = momentum * r + (1 - momentum) * batch_stat`` (momentum is\n"
+    "the weight of the old value, as in the post and Keras; PyTorch's ``momentum=m`` is ours\n"
+    "``1 - m``).  The running variance folds in the biased variance (``running_var_ddof=0``,\n"
+    "the post, Keras, Flax) or the unbiased one, ``var * M / (M - 1)`` (``running_var_ddof=1``,\n"
+    "PyTorch); normalization always uses the biased one.\n"
     "\n"
     "training=False: ``running_mean`` / ``running_var`` (shape ``F``) are required and used\n"
     "as the statistics; the returned ``mean`` equals ``running_mean``.\n"
     "\n"
     "``gamma`` / ``beta``: None (1 and 0), a scalar, or anything broadcasting to ``F``.\n"
+    "Every per-feature argument may also come in ``x``'s keepdims shape (length 1 on the\n"
+    "batch axes: ``(1, C, 1, 1)`` for NCHW with ``axis=1``); running statistics are updated\n"
+    "in their own shape.\n"
     "``y = (x - mean) * (rstd * gamma) + beta`` (never folded to ``x * a + b``, which\n"
     "cancels for data far from zero).  Statistics are accumulated in float64 from shifted\n"
     "data, so float32 input far from zero (``1e4 + randn``) is normalized to float32\n"
@@ -135,9 +145,9 @@ static const char forward_doc[] =
     "\n"
     "Errors (nothing is modified when one is raised): TypeError for non-float dtypes,\n"
     "AxisError for 0-d ``x`` or an axis out of range, ValueError for repeated axes, shapes\n"
-    "that do not fit ``F``, an empty batch (M == 0) in training, missing running statistics\n"
-    "when not training, read-only ``out`` or running statistics.  NaN and inf propagate only\n"
-    "to the features they touch.";
+    "that do not fit ``F``, fewer than two values per feature (M < 2) in training, missing\n"
+    "running statistics when not training, read-only ``out`` or running statistics.  NaN and\n"
+    "inf propagate only to the features they touch.";
 
 typedef struct {
     PyObject *x, *gamma, *beta, *axis;
@@ -145,11 +155,12 @@ typedef struct {
     int training;
     PyObject *running_mean, *running_var;
     double momentum;
+    int running_var_ddof;
     PyObject *out;
 } forward_args;
 
 static bn_spec forward_spec = {
-    "forward", 3, 10, {
+    "forward", 3, 11, {
         BN_PARAM(forward_args, x, NULL, bn_to_object),
         BN_PARAM(forward_args, gamma, "None", bn_to_object),
         BN_PARAM(forward_args, beta, "None", bn_to_object),
@@ -159,6 +170,7 @@ static bn_spec forward_spec = {
         BN_PARAM(forward_args, running_mean, "None", bn_to_object),
         BN_PARAM(forward_args, running_var, "None", bn_to_object),
         BN_PARAM(forward_args, momentum, "0.9", bn_to_momentum),
+        BN_PARAM(forward_args, running_var_ddof, "0", bn_to_ddof),
         BN_PARAM(forward_args, out, "None", bn_to_object),
     }, forward_doc};
 
@@ -199,11 +211,15 @@ static PyObject *bn_forward(PyObject *self, PyObject *const *args, Py_ssize_t na
     /* The running statistics' new values, before out is written (see new_running).  acc is free
      * once bn_step_stats has turned its sums into mean and var. */
     if (a.training && a.running_mean != Py_None &&
-        !(new_rmean = new_running(a.running_mean, s->mean, a.momentum, &core->L, s->acc)))
+        !(new_rmean = new_running(a.running_mean, s->mean, 1.0, a.momentum, &core->L, s->acc)))
         goto done;
-    if (a.training && a.running_var != Py_None &&
-        !(new_rvar = new_running(a.running_var, s->var, a.momentum, &core->L, s->acc)))
-        goto done;
+    if (a.training && a.running_var != Py_None) {
+        /* ddof 1: PyTorch's unbiased running variance (training has M >= 2) */
+        const double m = (double)core->L.m, to_unbiased = a.running_var_ddof ? m / (m - 1) : 1.0;
+        new_rvar = new_running(a.running_var, s->var, to_unbiased, a.momentum, &core->L, s->acc);
+        if (!new_rvar)
+            goto done;
+    }
     RUN_WITHOUT_GIL(failed, bn_step_rstd(core, a.eps) < 0 || bn_step_normalize(core) < 0);
     if (failed)
         goto done;
@@ -235,8 +251,9 @@ static const char backward_doc[] =
     "* training=False (the statistics were constants): ``dx = gamma * rstd * dy``.\n"
     "\n"
     "``dgamma`` has ``gamma``'s shape (a scalar gamma gets a 0-d sum over everything it\n"
-    "broadcast over; gamma None gives shape ``F``); ``dbeta`` has shape ``F``.  ``dy`` of the\n"
-    "other float dtype is cast to ``x``'s.  In training mode ``mean`` is taken to be the\n"
+    "broadcast over; gamma None gives shape ``F``); ``dbeta`` has shape ``F``, or gamma's\n"
+    "keepdims shape when gamma came in it.  Training needs M >= 2 as in ``forward``.  ``dy``\n"
+    "of the other float dtype is cast to ``x``'s.  In training mode ``mean`` is taken to be the\n"
     "batch mean of ``x``: the small residual between it and the exact batch mean (a float32\n"
     "``mean`` is rounded) is recomputed in float64, so gradients stay float32-accurate for\n"
     "data far from zero.  ``out`` as in ``forward`` (``out=dy`` works in place).";
@@ -283,7 +300,10 @@ static PyObject *bn_backward(PyObject *self, PyObject *const *args, Py_ssize_t n
         goto done;
     /* dgamma = rstd * sum(dy * (x - mean)), dbeta = sum(dy) */
     dgamma = sum_to_param(&c, gamma, bn_step_dgamma(core));
-    dbeta = feature_array(&c.core.L, c.type_num, s->acc);
+    /* dbeta has shape F, or gamma's when gamma is F in keepdims shape (1, C, 1, 1) */
+    dbeta = gamma && PyArray_NDIM(gamma) != core->L.nkept && has_feature_shape(&core->L, gamma)
+                ? values_array(PyArray_NDIM(gamma), PyArray_DIMS(gamma), c.type_num, s->acc)
+                : feature_array(&core->L, c.type_num, s->acc);
     PyObject *dx = dgamma && dbeta ? call_finish(&c) : NULL;
     if (dx)
         result = PyTuple_Pack(3, dx, (PyObject *)dgamma, (PyObject *)dbeta);

@@ -175,8 +175,9 @@ const double *bn_step_dgamma(bn_call *c)
     return c->s.var;
 }
 
-void bn_running_update(double *work, const double *batch, double momentum, npy_intp nfeat)
+void bn_running_update(double *work, const double *batch, double batch_scale, double momentum,
+                       npy_intp nfeat)
 {
     for (npy_intp f = 0; f < nfeat; f++)
-        work[f] = momentum * work[f] + (1.0 - momentum) * batch[f];
+        work[f] = momentum * work[f] + (1.0 - momentum) * (batch_scale * batch[f]);
 }

@@ -87,7 +87,9 @@ int bn_step_bwd_apply_given(bn_call *c, double count);
 /* dgamma per feature, rstd * sum(dy * (x - mean)), into s.var (free in backward); returns it. */
 const double *bn_step_dgamma(bn_call *c);
 
-/* work = momentum * work + (1 - momentum) * batch, per feature: a running statistic's update. */
-void bn_running_update(double *work, const double *batch, double momentum, npy_intp nfeat);
+/* work = momentum * work + (1 - momentum) * batch_scale * batch, per feature: a running
+ * statistic's update (batch_scale M / (M - 1) makes a biased variance unbiased). */
+void bn_running_update(double *work, const double *batch, double batch_scale, double momentum,
+                       npy_intp nfeat);
 
 #endif
