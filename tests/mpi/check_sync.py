@@ -341,6 +341,31 @@ def test_errors_do_not_hang():
     check("dx shape after errors", dx.shape, (2, F), 0, np.float32)
 
 
+def test_failed_running_update_changes_nothing():
+    """A float16 running_var overflows for data of this spread (var ~1e8): an exception under
+    np.errstate(over="raise"), after which neither running statistic may have changed (as in
+    bnorm.forward)."""
+    F = 4
+    x = (1e4 * np.random.default_rng(RANK).standard_normal((6, F))).astype(np.float32)
+    for name, make in both_layers(F).items():
+        layer = make()
+        layer.running_mean[...] = 0.5
+        layer.running_var = np.ones(F, np.float16)
+        with np.errstate(over="raise"):
+            expect_raise(f"{name} running_var cast overflow", lambda: layer.forward(x),
+                         FloatingPointError)
+        check(f"{name} running_mean after a failed update", layer.running_mean,
+              np.full(F, 0.5), 0.0, np.float32)
+        check(f"{name} running_var after a failed update", layer.running_var, np.ones(F), 0.0,
+              np.float32)
+
+
+def both_layers(F):
+    """Constructors of a BatchNorm and a SyncBatchNorm of F features, by name."""
+    return {"BatchNorm": lambda **kw: bnorm.BatchNorm(F, **kw),
+            "SyncBatchNorm": lambda **kw: SyncBatchNorm(COMM, F, **kw)}
+
+
 def test_nan_stays_in_its_feature():
     F, N = 3, 17
     rng = np.random.default_rng(5)
@@ -421,6 +446,7 @@ def main():
     try:
         test_layouts()
         test_errors_do_not_hang()
+        test_failed_running_update_changes_nothing()
         test_nan_stays_in_its_feature()
         test_allreduce_stats_and_shift_mismatch()
         test_broadcast_state()
