@@ -1,8 +1,15 @@
 """What ``BatchNorm`` (layer.py) and ``SyncBatchNorm`` (mpi.py) both check, and the running-average
 update that ``SyncBatchNorm`` does in Python.
+
+The eps and momentum checks raise what the C ``bnorm.forward`` raises (ValueError for NaN, inf or
+a value out of range, TypeError for what is not a real number) and reject bools too, so that the
+two layers agree with each other and with the functions: ``BatchNorm`` finds a bad ``eps`` at
+construction instead of at its first forward, and ``SyncBatchNorm``, which computes ``rstd``
+itself, finds it at all.
 """
 from __future__ import annotations
 
+import math
 import numbers
 import operator
 from collections.abc import Iterable
@@ -89,15 +96,29 @@ def check_dy(dy: ArrayLike, x: np.ndarray) -> np.ndarray:
     return dy
 
 
+def _real_number(name: str, value: object) -> float:
+    # A bool is an int to Python and NumPy, but eps=True is a mistake rather than 1.0; a string
+    # would pass float() but not the C forward's argument parsing.
+    if isinstance(value, (bool, np.bool_)):
+        raise TypeError(f"{name} must be a real number, got a bool ({value!r})")
+    if isinstance(value, numbers.Real):
+        return float(value)
+    if isinstance(value, np.ndarray) and value.ndim == 0 and value.dtype.kind in "iuf":
+        return float(value)
+    raise TypeError(f"{name} must be a real number, got {value!r}")
+
+
 def check_eps(eps: object) -> float:
-    value = float(eps)  # type: ignore[arg-type]
-    if not value >= 0.0:
-        raise ValueError(f"eps must be >= 0, got {eps!r}")
+    """``eps`` as a float: a finite number >= 0 (NaN and inf are ValueErrors, as in forward)."""
+    value = _real_number("eps", eps)
+    if not (value >= 0.0 and math.isfinite(value)):
+        raise ValueError(f"eps must be a finite number >= 0, got {eps!r}")
     return value
 
 
 def check_momentum(momentum: object) -> float:
-    value = float(momentum)  # type: ignore[arg-type]
+    """``momentum`` as a float in [0, 1] (NaN is a ValueError, as in forward)."""
+    value = _real_number("momentum", momentum)
     if not 0.0 <= value <= 1.0:
         raise ValueError(f"momentum must be in [0, 1], got {momentum!r}")
     return value

@@ -127,8 +127,9 @@ class BatchNorm:
         layer's existing arrays (their identity is kept; values are cast to the layer's dtype).
 
         Every entry is validated before anything is written: a missing entry, a shape other than
-        ``F`` or, with ``strict``, an unexpected key raise ``ValueError``; a non-numeric entry
-        raises ``TypeError``.  On error the layer is unchanged.
+        ``F`` or, with ``strict``, an unexpected key raise ``ValueError``; an entry that is not
+        real numbers (integers or floats: not bools, complex numbers or objects) raises
+        ``TypeError``.  On error the layer is unchanged.
         """
         names = self._state_names()
         keys = set(state.keys())
@@ -144,9 +145,9 @@ class BatchNorm:
         values = {}
         for k in names:
             v = np.asarray(state[k])
-            if v.dtype.kind not in "biuf":
-                raise TypeError(f"state dict entry {k!r} has dtype {v.dtype}, expected a float "
-                                f"array")
+            if v.dtype.kind not in "iuf":
+                raise TypeError(f"state dict entry {k!r} has dtype {v.dtype}, expected an array "
+                                f"of real numbers (integers or floats)")
             if v.shape != self.num_features:
                 raise ValueError(f"state dict entry {k!r} has shape {v.shape}, expected the "
                                  f"feature shape {self.num_features}")

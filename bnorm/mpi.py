@@ -198,6 +198,10 @@ class SyncBatchNorm(BatchNorm):
             if not isinstance(x, np.ndarray):
                 x = np.asarray(x)
             _checks.check_features(x, self.axis, self.num_features)
+            # checked again, as bnorm.forward checks BatchNorm's: eps and momentum are plain
+            # attributes, and eps=inf would make every y beta
+            _checks.check_eps(self.eps)
+            _checks.check_momentum(self.momentum)
             for name in _BUFFERS:
                 _checks.check_writable(f"layer.{name}", getattr(self, name))
             count, mean_r, m2_r = batch_stats(x, axis=self.axis)
@@ -234,6 +238,7 @@ class SyncBatchNorm(BatchNorm):
         if not isinstance(x, np.ndarray):
             x = np.asarray(x)
         _checks.check_features(x, self.axis, self.num_features)
+        _checks.check_eps(self.eps)
         mean = self.running_mean.astype(np.float64)
         rstd = 1.0 / np.sqrt(self.running_var.astype(np.float64) + self.eps)
         gamma = self.gamma

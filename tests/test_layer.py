@@ -66,6 +66,14 @@ def test_float64_layer():
     (dict(num_features=4, eps=-1.0), ValueError),
     (dict(num_features=(3, 4), axis=-1), ValueError),   # 2-d F but one axis
     (dict(num_features=(3, 4), axis=(1, 1)), ValueError),
+    # as bnorm.forward: eps a finite number >= 0, momentum in [0, 1], NaN neither
+    (dict(num_features=4, eps=np.inf), ValueError),
+    (dict(num_features=4, eps=np.nan), ValueError),
+    (dict(num_features=4, momentum=np.nan), ValueError),
+    # a bool is an int to Python, but not a sensible eps or momentum
+    (dict(num_features=4, eps=True), TypeError),
+    (dict(num_features=4, momentum=np.True_), TypeError),
+    (dict(num_features=4, eps="1e-5"), TypeError),
 ])
 def test_bad_construction(kwargs, exc):
     nf = kwargs.pop("num_features")
@@ -337,6 +345,21 @@ def test_load_state_dict_validates_before_writing():
     layer.load_state_dict({k: v.astype(np.float64) + 1 for k, v in good.items()})
     assert layer.gamma.dtype == np.float32
     np.testing.assert_allclose(layer.gamma, good["gamma"].astype(np.float64) + 1, rtol=1e-7)
+
+
+@pytest.mark.parametrize("bad", [np.ones(5, bool), [True] * 5, np.ones(5, complex)],
+                         ids=["bool", "bool_list", "complex"])
+def test_load_state_dict_takes_real_numbers_only(bad):
+    layer = _trained_layer(np.random.default_rng(12))
+    before = layer.state_dict()
+    good = {k: v + 1 for k, v in before.items()}
+    with pytest.raises(TypeError, match="gamma"):
+        layer.load_state_dict(dict(good, gamma=bad))
+    for k, v in layer.state_dict().items():
+        np.testing.assert_array_equal(v, before[k], err_msg=k)
+    # integers are real numbers: cast like floats
+    layer.load_state_dict(dict(good, gamma=np.arange(5)))
+    np.testing.assert_array_equal(layer.gamma, np.arange(5, dtype=np.float32))
 
 
 def test_repr_shows_configuration():

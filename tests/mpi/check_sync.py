@@ -341,6 +341,30 @@ def test_errors_do_not_hang():
     check("dx shape after errors", dx.shape, (2, F), 0, np.float32)
 
 
+def test_configuration_is_checked_as_in_batchnorm():
+    """SyncBatchNorm takes and rejects what BatchNorm (and bnorm.forward) does: eps a finite
+    number >= 0 (eps=inf once gave y = beta), momentum in [0, 1], no bools, state dicts of real
+    numbers."""
+    F = 4
+    bad = [(dict(eps=np.inf), ValueError), (dict(eps=np.nan), ValueError),
+           (dict(eps=-1.0), ValueError), (dict(momentum=np.nan), ValueError),
+           (dict(momentum=1.5), ValueError), (dict(eps=True), TypeError),
+           (dict(momentum=np.True_), TypeError)]
+    x = np.random.default_rng(RANK).standard_normal((6, F)).astype(np.float32)
+    for name, make in both_layers(F).items():
+        for kw, exc in bad:
+            expect_raise(f"{name}({kw})", lambda: make(**kw), exc)
+        # eps changed after construction: the forward checks it too (every rank fails alike)
+        layer = make()
+        layer.eps = np.inf
+        expect_raise(f"{name} forward with eps=inf", lambda: layer.forward(x), ValueError)
+        layer = make()
+        good = {k: v + 1 for k, v in layer.state_dict().items()}
+        expect_raise(f"{name}.load_state_dict of bools",
+                     lambda: layer.load_state_dict(dict(good, gamma=np.ones(F, bool))), TypeError)
+        check(f"{name} gamma after a failed load", layer.gamma, np.ones(F), 0.0, np.float32)
+
+
 def test_failed_running_update_changes_nothing():
     """A float16 running_var overflows for data of this spread (var ~1e8): an exception under
     np.errstate(over="raise"), after which neither running statistic may have changed (as in
@@ -446,6 +470,7 @@ def main():
     try:
         test_layouts()
         test_errors_do_not_hang()
+        test_configuration_is_checked_as_in_batchnorm()
         test_failed_running_update_changes_nothing()
         test_nan_stays_in_its_feature()
         test_allreduce_stats_and_shift_mismatch()
