@@ -14,13 +14,9 @@ import warnings
 
 import numpy as np
 import pytest
+from helpers import AxisError, axes_of, readonly
 
 import bnorm
-
-try:
-    from numpy.exceptions import AxisError
-except ImportError:  # NumPy < 1.25
-    from numpy import AxisError
 
 RNG = np.random.default_rng(20240601)
 
@@ -36,17 +32,12 @@ LAYOUTS = {
 }
 
 
-def batch_axes(ndim, axis):
-    kept = {a % ndim for a in ((axis,) if isinstance(axis, int) else axis)}
-    return tuple(d for d in range(ndim) if d not in kept)
-
-
 def valid_call(name, layout="nf", dtype=np.float64):
     """(function, kwargs) of a call that succeeds, with every optional array argument given."""
     shape, axis, F = LAYOUTS[layout]
     x = RNG.standard_normal(shape).astype(dtype)
     dy = RNG.standard_normal(shape).astype(dtype)
-    red = batch_axes(len(shape), axis)
+    red, _ = axes_of(len(shape), axis)
     mean = np.asarray(x.mean(axis=red))   # 0-d arrays, not NumPy scalars, when F == ()
     rstd = np.asarray(1 / np.sqrt(x.var(axis=red) + 1e-5))
     gamma = RNG.uniform(0.5, 2, F).astype(dtype)
@@ -97,12 +88,6 @@ REQUIRED_ARGS = ([(f, "x") for f in FUNCS] + [(f, "dy") for f, a in DATA_ARGS if
                  [(f, a) for f, a in BROADCAST_ARGS if a in ("mean", "rstd")] +
                  [("backward_apply", "sum_dy"), ("backward_apply", "sum_dy_xmu"),
                   ("backward_apply", "count")])
-
-
-def readonly(a):
-    a = np.array(a, copy=True)
-    a.flags.writeable = False
-    return a
 
 
 def assert_raises_untouched(fn, kw, exc, match=None):

@@ -1,31 +1,23 @@
-"""bnorm.BatchNorm: the layer's API (API.md, "The layer") and its equivalence to the post's layer.
+"""bnorm.BatchNorm: the layer's API (API.md, "The layer") and its equivalence to the post's
+layer.
 
-Expected values come from plain NumPy written here (float64), from finite differences, or from the
-post's own layer (bnorm.reference.PostBatchNorm); nothing is a number copied from bnorm's output.
+Expected values come from the float64 oracle of tests/helpers.py, from NumPy's mean and var, from
+finite differences, or from the post's own layer (bnorm.reference.PostBatchNorm); nothing is a
+number copied from bnorm's output.
 """
 import numpy as np
 import pytest
+from helpers import AxisError, mean_var, oracle_forward
 
 import bnorm
 from bnorm.reference import PostBatchNorm
 
-AxisError = np.exceptions.AxisError if hasattr(np, "exceptions") else np.AxisError
-
 
 def _bn_numpy(x, mean, var, gamma, beta, eps, axis):
-    """y = (x - mean) / sqrt(var + eps) * gamma + beta in float64, feature axes ``axis``."""
-    axes = sorted(a % x.ndim for a in (axis if isinstance(axis, tuple) else (axis,)))
-    red = tuple(a for a in range(x.ndim) if a not in axes)
-    F = tuple(x.shape[a] for a in axes)
-    e = lambda v: np.expand_dims(np.broadcast_to(np.asarray(v, np.float64), F), red)  # noqa: E731
-    return (x.astype(np.float64) - e(mean)) / np.sqrt(e(var) + eps) * e(gamma) + e(beta)
-
-
-def _batch_stats(x, axis):
-    axes = sorted(a % x.ndim for a in (axis if isinstance(axis, tuple) else (axis,)))
-    red = tuple(a for a in range(x.ndim) if a not in axes)
-    x64 = x.astype(np.float64)
-    return x64.mean(red), x64.var(red)
+    """y = (x - mean) / sqrt(var + eps) * gamma + beta in float64, feature axes ``axis``, from
+    the given statistics (the oracle's inference mode)."""
+    return oracle_forward(x, gamma, beta, axis, eps, training=False, running_mean=mean,
+                          running_var=var)[0]
 
 
 def _f32_close(a, b, scale=1.0):
@@ -52,7 +44,7 @@ def test_float64_layer():
     assert all(getattr(layer, n).dtype == np.float64
                for n in ("gamma", "beta", "running_mean", "running_var"))
     x = np.random.default_rng(0).standard_normal((7, 3))
-    m, v = _batch_stats(x, -1)
+    m, v = mean_var(x, -1)
     np.testing.assert_allclose(layer.forward(x), _bn_numpy(x, m, v, 1, 0, 1e-8, -1),
                                rtol=1e-12, atol=1e-12)
 
@@ -92,7 +84,7 @@ def test_forward_training_matches_numpy_and_updates_running_stats_in_place():
     for step in range(3):
         x = (3 + 2 * rng.standard_normal((16, 6))).astype(np.float32)
         y = layer.forward(x)
-        m, v = _batch_stats(x, -1)
+        m, v = mean_var(x, -1)
         assert y.shape == x.shape and y.dtype == np.float32
         _f32_close(y, _bn_numpy(x, m, v, layer.gamma, layer.beta, 1e-8, -1))
         exp_rm = 0.7 * exp_rm + 0.3 * m
@@ -138,7 +130,7 @@ def test_tuple_num_features_with_axis_tuple():
         layer.gamma[:] = rng.uniform(0.5, 2, (C, W))
         layer.beta[:] = rng.standard_normal((C, W))
         y = layer.forward(x)
-        m, v = _batch_stats(x, axis)
+        m, v = mean_var(x, axis)
         assert m.shape == (C, W)
         _f32_close(y, _bn_numpy(x, m, v, layer.gamma, layer.beta, 1e-8, axis), scale=3)
         _f32_close(layer.running_mean, 0.1 * m)
@@ -148,7 +140,7 @@ def test_tuple_num_features_with_axis_tuple():
         _f32_close(layer.dbeta, np.full((C, W), N * H))
     # NCHW with an int axis
     layer = bnorm.BatchNorm(C, axis=1)
-    m, v = _batch_stats(x, 1)
+    m, v = mean_var(x, 1)
     _f32_close(layer.forward(x), _bn_numpy(x, m, v, 1, 0, 1e-8, 1), scale=3)
 
 
@@ -264,7 +256,7 @@ def test_affine_false():
     layer = bnorm.BatchNorm(3, affine=False)
     assert layer.gamma is None and layer.beta is None
     x = rng.standard_normal((10, 3)).astype(np.float32)
-    m, v = _batch_stats(x, -1)
+    m, v = mean_var(x, -1)
     _f32_close(layer.forward(x), _bn_numpy(x, m, v, 1, 0, 1e-8, -1))
     dy = rng.standard_normal((10, 3)).astype(np.float32)
     ref = bnorm.BatchNorm(3)                   # gamma = 1, beta = 0: same dx
