@@ -1,4 +1,4 @@
-"""What the test files share: dtypes and tolerances, API.md's formulas as float64 oracles,
+"""What the test files share: dtypes and tolerances, docs/api.md's formulas as float64 oracles,
 seeding, and small utilities (read-only arrays, child interpreters, threads, memory).
 
 Test files import it as ``from helpers import ...``: pytest's default ("prepend") import mode puts
@@ -63,7 +63,7 @@ def tol_ref(dtype):
 
 # --------------------------------------------------------------------------- axes
 def axes_of(ndim, axis):
-    """(reduced axes, kept axes sorted) as API.md defines them."""
+    """(reduced axes, kept axes sorted) as docs/api.md defines them."""
     kept = sorted(normalize_axis_tuple(axis, ndim))
     red = tuple(a for a in range(ndim) if a not in kept)
     return red, tuple(kept)
@@ -92,7 +92,7 @@ def sum_to(g, shape):
 # --------------------------------------------------------------------------- float64 oracles
 def oracle_forward(x, gamma=None, beta=None, axis=-1, eps=1e-8, training=True,
                    running_mean=None, running_var=None, momentum=0.9):
-    """API.md's forward in float64. Returns y, mean, rstd, new running mean, new running
+    """docs/api.md's forward in float64. Returns y, mean, rstd, new running mean, new running
     var."""
     x64 = np.asarray(x).astype(F64)
     red, kept = axes_of(x64.ndim, axis)
@@ -119,7 +119,7 @@ def oracle_forward(x, gamma=None, beta=None, axis=-1, eps=1e-8, training=True,
 
 
 def oracle_backward(dy, x, mean, rstd, gamma=None, axis=-1, training=True):
-    """API.md's backward in float64 (mean, rstd given in float64). Returns dx, dgamma,
+    """docs/api.md's backward in float64 (mean, rstd given in float64). Returns dx, dgamma,
     dbeta."""
     x64 = np.asarray(x).astype(F64)
     dy64 = np.asarray(dy).astype(F64)

@@ -1,7 +1,7 @@
 """bnorm.forward / bnorm.backward: correctness against three independent oracles.
 
 1. ``bnorm.reference``: the blog post's own NumPy code (computed in the input's dtype).
-2. ``oracle_forward`` / ``oracle_backward`` (tests/helpers.py): API.md's formulas written out
+2. ``oracle_forward`` / ``oracle_backward`` (tests/helpers.py): docs/api.md's formulas written out
    in float64 from ``x.astype(float64)``; float32 results must match them to float32 precision,
    even for data far from zero where the post's float32 code itself is not accurate.
 3. Central finite differences (float64) and PyTorch (``torch.nn.functional.batch_norm`` and its
@@ -754,7 +754,7 @@ def test_out_forward_and_backward(kind, dtype):
                          ids=lambda f: f.__name__[4:])
 @pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
 def test_out_in_place(layout, training, dtype):
-    """out=x for forward, out=dy for backward (API.md): results as if computed from
+    """out=x for forward, out=dy for backward (docs/api.md): results as if computed from
     copies."""
     rng = np.random.default_rng(17)
     shape, axis = (7, 3, 5), (0, 2)

@@ -1,9 +1,9 @@
-"""Bad input: every row of API.md's table, for forward, backward and the split phases.
+"""Bad input: every row of docs/api.md's table, for forward, backward and the split phases.
 
 Each case starts from a call that is known to succeed (``test_baseline_is_valid``), changes one
 thing, and checks that
 
-* the exception is the type API.md names, with a message that names what is wrong;
+* the exception is the type docs/api.md names, with a message that names what is wrong;
 * no argument was modified: every array argument (``out=`` and running statistics included) is
   compared bitwise with a copy taken before the call.
 
@@ -124,7 +124,7 @@ def test_baseline_is_valid(name, layout):
 
 # ---- dtypes ----
 
-# float16 and long double are not in API.md's list, but only float32/float64 are supported.
+# float16 and long double are not in docs/api.md's list, but only float32/float64 are supported.
 BAD_DATA_DTYPES = [np.int8, np.int64, np.uint32, np.bool_, np.float16, np.complex64,
                    np.complex128, object, "U8", "S8"]
 
@@ -372,7 +372,7 @@ def test_training_with_empty_batch(name):
 
 # ---- scalars: eps, momentum, count ----
 
-# API.md does not say; eps must keep var + eps >= 0 finite, and momentum weighs old and new.
+# docs/api.md does not say; eps must keep var + eps >= 0 finite, and momentum weighs old and new.
 @pytest.mark.parametrize("arg,value,exc", [
     ("eps", -1e-5, ValueError), ("eps", np.nan, ValueError), ("eps", np.inf, ValueError),
     ("eps", -np.inf, ValueError), ("eps", "1e-5", TypeError), ("eps", None, TypeError),

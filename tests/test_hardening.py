@@ -240,7 +240,7 @@ def run_case(f, args, kw, exc=None):
 
 def test_error_cases_raise_what_api_md_says():
     """The error table of the leak tests is right (so the leak tests run the paths they say):
-    the exceptions API.md names."""
+    the exceptions docs/api.md names."""
     before = bnorm.get_num_threads()
     try:
         for name, f, args, kw, exc in error_cases():

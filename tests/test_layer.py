@@ -1,4 +1,4 @@
-"""bnorm.BatchNorm: the layer's API (API.md, "The layer") and its equivalence to the post's
+"""bnorm.BatchNorm: the layer's API (docs/api.md, "The layer") and its equivalence to the post's
 layer.
 
 Expected values come from the float64 oracle of tests/helpers.py, from NumPy's mean and var, from

@@ -1,4 +1,4 @@
-"""Property-based tests: bnorm on random shapes, axes, layouts and parameters against API.md's
+"""Property-based tests: bnorm on random shapes, axes, layouts and parameters against docs/api.md's
 formulas evaluated in float64 (the oracle of tests/helpers.py).
 
 Every example draws: a rank 1-6 shape with sides of 1 and sometimes a 0; feature axes as an int or
@@ -9,7 +9,7 @@ or arrays of any shape that broadcasts to F (in any dtype of real numbers and an
 running statistics (strided, either float dtype); out= as None, a strided view or in place.
 
 Checked: forward and backward in training and eval mode against the float64 oracle, shapes and
-dtypes of every result, the running-statistics update, the errors API.md asks for where the
+dtypes of every result, the running-statistics update, the errors docs/api.md asks for where the
 example is invalid (an empty batch in training), and that no input is ever modified (byte for
 byte, including gamma, beta, mean and rstd passed to backward).  The split-phase functions
 (batch_stats, normalize, backward_sums, backward_apply) get the same treatment.
@@ -274,7 +274,7 @@ def test_forward_backward_match_float64_oracle(case):
     out0 = None if out is None or inplace else np.array(out)
 
     if training and M == 0:
-        # API.md: nothing to reduce over is a ValueError, and nothing has been modified
+        # docs/api.md: nothing to reduce over is a ValueError, and nothing has been modified
         with pytest.raises(ValueError):
             bnorm.forward(x, gamma, beta, running_mean=rm, running_var=rv, out=out, **kw)
         with pytest.raises(ValueError):
@@ -326,7 +326,7 @@ def test_forward_backward_match_float64_oracle(case):
     check_result(dgamma, F if gamma is None else np.shape(gamma), dtype, "dgamma")
     if dout is not None:
         assert dx is dout
-    # API.md: in training, mean and rstd are the batch statistics (bnorm recomputes the part of
+    # docs/api.md: in training, mean and rstd are the batch statistics (bnorm recomputes the part of
     # the mean that rounding to x's dtype lost); in eval they are constants, taken as given.
     # dy of the other float dtype is cast to x's (the docstring).
     bm, br = (om, ors) if training else (mean0.astype(F64), rstd0.astype(F64))
