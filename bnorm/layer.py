@@ -4,17 +4,9 @@ A drop-in for the blog post's NumPy layer (``bnorm.reference.PostBatchNorm``): s
 defaults (eps 1e-8, momentum 0.9 as the weight of the old running value, biased running variance,
 channels-last), but the layer owns its parameters and the work is done by the C kernels.
 """
-import numbers
-import operator
-
 import numpy as np
 
-try:
-    from numpy.lib.array_utils import normalize_axis_tuple
-except ImportError:  # NumPy < 2.0
-    from numpy.core.numeric import normalize_axis_tuple
-
-from . import backward as _backward, forward as _forward
+from . import _checks, backward as _backward, forward as _forward
 
 __all__ = ["BatchNorm"]
 
@@ -63,23 +55,13 @@ class BatchNorm:
 
     def __init__(self, num_features, *, axis=-1, eps=1e-8, momentum=0.9, affine=True,
                  dtype=np.float32):
-        self.num_features = _feature_shape(num_features)
-        self.axis = _axis_spec(axis)
-        naxes = 1 if isinstance(self.axis, int) else len(self.axis)
-        if naxes != len(self.num_features):
-            raise ValueError(
-                f"axis={self.axis!r} names {naxes} feature axes but num_features="
-                f"{self.num_features} has {len(self.num_features)} dimensions")
-        self.eps = float(eps)
-        if not self.eps >= 0.0:
-            raise ValueError(f"eps must be >= 0, got {eps!r}")
-        self.momentum = float(momentum)
-        if not 0.0 <= self.momentum <= 1.0:
-            raise ValueError(f"momentum must be in [0, 1], got {momentum!r}")
+        self.num_features = _checks.feature_shape(num_features)
+        self.axis = _checks.axis_spec(axis)
+        _checks.check_axis_count(self.axis, self.num_features)
+        self.eps = _checks.check_eps(eps)
+        self.momentum = _checks.check_momentum(momentum)
         self.affine = bool(affine)
-        self.dtype = np.dtype(dtype)
-        if self.dtype not in (np.dtype(np.float32), np.dtype(np.float64)):
-            raise TypeError(f"dtype must be float32 or float64, got {self.dtype}")
+        self.dtype = _checks.check_layer_dtype(dtype)
 
         F = self.num_features
         self.gamma = np.ones(F, self.dtype) if self.affine else None
@@ -99,7 +81,7 @@ class BatchNorm:
         """
         if not isinstance(x, np.ndarray):
             x = np.asarray(x)
-        self._check_features(x)
+        _checks.check_features(x, self.axis, self.num_features)
         gamma, beta = self.gamma, self.beta
         y, mean, rstd = _forward(x, gamma, beta, axis=self.axis, eps=self.eps,
                                  training=bool(training), running_mean=self.running_mean,
@@ -120,11 +102,7 @@ class BatchNorm:
         if self._saved is None:
             raise RuntimeError("BatchNorm.backward called before forward: there is no saved input")
         x, mean, rstd, gamma, training = self._saved
-        if not isinstance(dy, np.ndarray):
-            dy = np.asarray(dy)
-        if dy.shape != x.shape:
-            raise ValueError(f"dy has shape {dy.shape} but the last forward's x has shape "
-                             f"{x.shape}")
+        dy = _checks.check_dy(dy, x)
         dx, dgamma, dbeta = _backward(dy, x, mean, rstd, gamma, axis=self.axis, training=training)
         if self.affine:
             self.dgamma = dgamma.astype(self.dtype, copy=False)
@@ -142,18 +120,18 @@ class BatchNorm:
         ``layer.load_state_dict(np.load(f))`` round-trip.  The configuration (axis, eps, momentum)
         is not state: it is the constructor's arguments, shown by ``repr(layer)``.
         """
-        names = (_PARAMS if self.affine else ()) + _BUFFERS
-        return {k: getattr(self, k).copy() for k in names}
+        return {k: getattr(self, k).copy() for k in self._state_names()}
 
     def load_state_dict(self, state, strict=True):
         """Copy ``state`` (a mapping such as ``state_dict()``'s or an ``np.load`` result) into the
         layer's existing arrays (their identity is kept; values are cast to the layer's dtype).
 
         Every entry is validated before anything is written: a missing entry, a shape other than
-        ``F`` or, with ``strict``, an unexpected key raise ``ValueError``; a non-numeric entry
-        raises ``TypeError``.  On error the layer is unchanged.
+        ``F`` or, with ``strict``, an unexpected key raise ``ValueError``; an entry that is not
+        real numbers (integers or floats: not bools, complex numbers or objects) raises
+        ``TypeError``.  On error the layer is unchanged.
         """
-        names = (_PARAMS if self.affine else ()) + _BUFFERS
+        names = self._state_names()
         keys = set(state.keys())
         missing = [k for k in names if k not in keys]
         if missing:
@@ -167,9 +145,9 @@ class BatchNorm:
         values = {}
         for k in names:
             v = np.asarray(state[k])
-            if v.dtype.kind not in "biuf":
-                raise TypeError(f"state dict entry {k!r} has dtype {v.dtype}, expected a float "
-                                f"array")
+            if v.dtype.kind not in "iuf":
+                raise TypeError(f"state dict entry {k!r} has dtype {v.dtype}, expected an array "
+                                f"of real numbers (integers or floats)")
             if v.shape != self.num_features:
                 raise ValueError(f"state dict entry {k!r} has shape {v.shape}, expected the "
                                  f"feature shape {self.num_features}")
@@ -182,49 +160,18 @@ class BatchNorm:
                 np.copyto(target, v, casting="unsafe")
 
     # ------------------------------------------------------------------ helpers
-    def _check_features(self, x):
-        # AxisError for an axis out of range (or 0-d x), ValueError for a repeated axis.
-        axes = normalize_axis_tuple(self.axis, x.ndim)
-        fshape = tuple(x.shape[a] for a in sorted(axes))
-        if fshape != self.num_features:
-            raise ValueError(f"x of shape {x.shape} has feature shape {fshape} at axis="
-                             f"{self.axis!r}, but the layer has num_features="
-                             f"{self.num_features}")
+    def _state_names(self):
+        return (_PARAMS if self.affine else ()) + _BUFFERS
+
+    def _config_repr(self):
+        """The constructor's arguments after ``num_features``, as ``repr`` shows them."""
+        return (f"axis={self.axis!r}, eps={self.eps!r}, momentum={self.momentum!r}, "
+                f"affine={self.affine!r}, dtype={self.dtype.name}")
+
+    def _num_features_repr(self):
+        nf = self.num_features
+        return repr(nf[0] if len(nf) == 1 else nf)
 
     def __repr__(self):
-        nf = self.num_features[0] if len(self.num_features) == 1 else self.num_features
-        return (f"BatchNorm({nf!r}, axis={self.axis!r}, eps={self.eps!r}, "
-                f"momentum={self.momentum!r}, affine={self.affine!r}, "
-                f"dtype={self.dtype.name})")
+        return f"BatchNorm({self._num_features_repr()}, {self._config_repr()})"
 
-
-def _feature_shape(num_features):
-    if isinstance(num_features, (bool, np.bool_)):
-        raise TypeError("num_features must be an int or a tuple of ints, got a bool")
-    if isinstance(num_features, numbers.Integral):
-        shape = (operator.index(num_features),)
-    else:
-        try:
-            shape = tuple(operator.index(n) for n in num_features)
-        except TypeError:
-            raise TypeError(f"num_features must be an int or a tuple of ints, got "
-                            f"{num_features!r}") from None
-    if not shape or any(n < 1 for n in shape):
-        raise ValueError(f"num_features must be a non-empty shape of positive sizes, got "
-                         f"{num_features!r}")
-    return shape
-
-
-def _axis_spec(axis):
-    if isinstance(axis, (bool, np.bool_)):
-        raise TypeError("axis must be an int or a tuple of ints, got a bool")
-    if isinstance(axis, numbers.Integral):
-        return operator.index(axis)
-    try:
-        axes = tuple(operator.index(a) for a in axis)
-    except TypeError:
-        raise TypeError(f"axis must be an int or a tuple of ints, got {axis!r}") from None
-    if len(set(axes)) != len(axes):
-        # The same axis named twice (as written; -1 vs ndim-1 is caught at forward).
-        raise ValueError(f"repeated axis in axis={axis!r}")
-    return axes

@@ -41,7 +41,8 @@ except ImportError as exc:  # pragma: no cover - depends on the environment
 
 import numpy as np
 
-from .layer import BatchNorm
+from . import _checks
+from .layer import _BUFFERS, BatchNorm
 from .phases import backward_apply, backward_sums, batch_stats, normalize
 
 __all__ = ["SyncBatchNorm", "allreduce_stats"]
@@ -196,10 +197,13 @@ class SyncBatchNorm(BatchNorm):
         try:
             if not isinstance(x, np.ndarray):
                 x = np.asarray(x)
-            self._check_features(x)
-            for name in ("running_mean", "running_var"):
-                if not getattr(self, name).flags.writeable:
-                    raise ValueError(f"layer.{name} is read-only")
+            _checks.check_features(x, self.axis, self.num_features)
+            # checked again, as bnorm.forward checks BatchNorm's: eps and momentum are plain
+            # attributes, and eps=inf would make every y beta
+            _checks.check_eps(self.eps)
+            _checks.check_momentum(self.momentum)
+            for name in _BUFFERS:
+                _checks.check_writable(f"layer.{name}", getattr(self, name))
             count, mean_r, m2_r = batch_stats(x, axis=self.axis)
         except Exception as exc:   # take part in the Allreduce anyway, then raise it
             failed = exc
@@ -221,9 +225,9 @@ class SyncBatchNorm(BatchNorm):
         rstd = 1.0 / np.sqrt(var + self.eps)
         gamma = self.gamma
         y = normalize(x, mean, rstd, gamma, self.beta, axis=self.axis)
-        m = self.momentum
-        for r, stat in ((self.running_mean, mean), (self.running_var, var)):
-            r[...] = m * r.astype(np.float64) + (1.0 - m) * stat   # float64, as bnorm.forward
+        _checks.update_running_averages(self.momentum, [
+            ("layer.running_mean", self.running_mean, mean),
+            ("layer.running_var", self.running_var, var)])
         self._shift = np.where(np.isfinite(mean), mean, 0.0)
         self._ctx = (x, mean, rstd, gamma, True, n)
         return y
@@ -233,7 +237,8 @@ class SyncBatchNorm(BatchNorm):
     def _forward_eval(self, x):
         if not isinstance(x, np.ndarray):
             x = np.asarray(x)
-        self._check_features(x)
+        _checks.check_features(x, self.axis, self.num_features)
+        _checks.check_eps(self.eps)
         mean = self.running_mean.astype(np.float64)
         rstd = 1.0 / np.sqrt(self.running_var.astype(np.float64) + self.eps)
         gamma = self.gamma
@@ -257,11 +262,7 @@ class SyncBatchNorm(BatchNorm):
                 raise RuntimeError("SyncBatchNorm.backward called before forward: there is no "
                                    "saved input")
             x, mean, rstd, gamma, training, n = ctx
-            if not isinstance(dy, np.ndarray):
-                dy = np.asarray(dy)
-            if dy.shape != x.shape:
-                raise ValueError(f"dy has shape {dy.shape} but the last forward's x has shape "
-                                 f"{x.shape}")
+            dy = _checks.check_dy(dy, x)
             if training or self.affine:
                 sum_dy, sum_dy_xmu = backward_sums(dy, x, mean, axis=self.axis)
                 send[_BWD_HEADER:_BWD_HEADER + nf] = sum_dy.reshape(-1)
@@ -302,7 +303,7 @@ class SyncBatchNorm(BatchNorm):
     def broadcast_state(self, root=0):
         """Copy rank ``root``'s ``gamma``, ``beta`` and running statistics to every rank, in
         place (one ``Bcast``; a collective).  Use it after initializing or loading on one rank."""
-        names = (("gamma", "beta") if self.affine else ()) + ("running_mean", "running_var")
+        names = self._state_names()
         arrays = [getattr(self, k) for k in names] + [self._shift]
         buf = np.concatenate([np.asarray(a, dtype=np.float64).reshape(-1) for a in arrays])
         self.comm.Bcast(buf, root=root)
@@ -317,7 +318,5 @@ class SyncBatchNorm(BatchNorm):
 
     # ------------------------------------------------------------------ helpers
     def __repr__(self):
-        nf = self.num_features[0] if len(self.num_features) == 1 else self.num_features
-        return (f"SyncBatchNorm(<comm of {self.comm.Get_size()} ranks>, {nf!r}, "
-                f"axis={self.axis!r}, eps={self.eps!r}, momentum={self.momentum!r}, "
-                f"affine={self.affine!r}, dtype={self.dtype.name})")
+        return (f"SyncBatchNorm(<comm of {self.comm.Get_size()} ranks>, "
+                f"{self._num_features_repr()}, {self._config_repr()})")

@@ -4,11 +4,12 @@ smallest case, both dtypes, two runs of the suite (their medians reported), PyTo
 when installed; the suite cross-checks every peer's y, dx, dgamma and dbeta against bnorm's
 before timing and reports any difference."""
 import importlib.util
-import os
 import pathlib
 import re
 import subprocess
 import sys
+
+from helpers import child_env
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 OPS = ("train fwd", "train bwd", "fwd+bwd", "infer fwd")
@@ -22,10 +23,7 @@ def test_benchmark_runs_and_its_peers_agree(tmp_path):
            "--repeats", "2",
            "--markdown", str(table)]
     # the benchmark imports bnorm the way the test session does (installed or from the tree)
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join(
-        [str(pathlib.Path(importlib.util.find_spec("bnorm").origin).parents[1])]
-        + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]))
-    run = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env)
+    run = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=child_env())
     assert run.returncode == 0, run.stderr
     text = table.read_text(encoding="utf-8")
     assert text == run.stdout

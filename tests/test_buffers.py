@@ -5,10 +5,10 @@ import gc
 import os
 import subprocess
 import sys
-import threading
 
 import numpy as np
 import pytest
+from helpers import BNORM_PARENT, asan_loaded, child_env, rss_bytes, run_threads
 
 import bnorm
 
@@ -110,14 +110,11 @@ def test_training_steps_on_mid_sized_outputs_do_not_fault_pages():
     off again when a step frees y and dx: 992 page faults per step (a 7x slower step) in a fresh
     interpreter before the cache took outputs from 128 KiB up.  With it, the pages stay mapped
     after the first step."""
-    if "libasan" in open("/proc/self/maps").read():
+    if asan_loaded():
         pytest.skip("AddressSanitizer's allocator keeps its own pages")
     # the bnorm this test imported, not a source tree in the working directory
-    pkg_parent = os.path.dirname(os.path.dirname(os.path.abspath(bnorm.__file__)))
-    env = dict(os.environ, BNORM_NUM_THREADS="1",
-               PYTHONPATH=pkg_parent + os.pathsep + os.environ.get("PYTHONPATH", ""))
     run = subprocess.run([sys.executable, "-c", FAULTS_PER_STEP], capture_output=True, text=True,
-                         env=env, cwd=pkg_parent, timeout=120)
+                         env=child_env(BNORM_NUM_THREADS="1"), cwd=BNORM_PARENT, timeout=120)
     assert run.returncode == 0, run.stderr
     faults = float(run.stdout)
     assert faults < 50, f"{faults:.0f} page faults per step (a step's outputs are 1024 pages)"
@@ -141,17 +138,12 @@ def test_set_buffer_cache_returns_the_previous_limit_and_checks_its_argument():
     assert bnorm.set_buffer_cache(512 * MIB) == 123
 
 
-def rss_bytes():
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-
-
 @pytest.mark.skipif(not os.path.exists("/proc/self/statm"), reason="needs Linux's /proc")
 def test_kept_memory_stays_within_the_limit():
     """Outputs of 12 sizes between 33 and 62 MiB (glibc maps and unmaps blocks that large itself,
     so RSS shows what the cache keeps), freed at once: with a 100 MiB limit at most 100 MiB stay
     (no limit would keep all 12, 570 MiB); after set_buffer_cache(0), none."""
-    if "libasan" in open("/proc/self/maps").read():
+    if asan_loaded():
         pytest.skip("AddressSanitizer keeps freed memory in quarantine: RSS grows by design")
     bnorm.set_buffer_cache(0)
     row = np.ones(1024, np.float32)
@@ -174,22 +166,11 @@ def test_threads_allocating_and_freeing_outputs_get_the_right_bits(data):
     x, dy = data
     y_ref, dx_ref = expected(x, dy)
     bnorm.set_buffer_cache(3 * 8 * MIB)  # fewer buffers than threads want: they evict and reuse
-    errors = []
 
-    def work():
-        try:
-            for _ in range(10):
-                y, mean, rstd = bnorm.forward(x)
-                dx, _, _ = bnorm.backward(dy, x, mean, rstd)
-                if not (np.array_equal(y, y_ref) and np.array_equal(dx, dx_ref)):
-                    errors.append("wrong bits")
-        except BaseException as e:  # reported below
-            errors.append(repr(e))
+    def work(i):
+        for _ in range(10):
+            y, mean, rstd = bnorm.forward(x)
+            dx, _, _ = bnorm.backward(dy, x, mean, rstd)
+            assert np.array_equal(y, y_ref) and np.array_equal(dx, dx_ref), "wrong bits"
 
-    threads = [threading.Thread(target=work) for _ in range(4)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(120)
-    assert not any(t.is_alive() for t in threads)
-    assert not errors, errors
+    run_threads(work, 4)

@@ -1,150 +1,35 @@
 """bnorm.forward / bnorm.backward: correctness against three independent oracles.
 
 1. ``bnorm.reference``: the blog post's own NumPy code (computed in the input's dtype).
-2. ``oracle_forward`` / ``oracle_backward`` below: API.md's formulas written out in float64 from
-   ``x.astype(float64)``; float32 results must match them to float32 precision, even for data far
-   from zero where the post's float32 code itself is not accurate.
+2. ``oracle_forward`` / ``oracle_backward`` (tests/helpers.py): docs/api.md's formulas written out
+   in float64 from ``x.astype(float64)``; float32 results must match them to float32 precision,
+   even for data far from zero where the post's float32 code itself is not accurate.
 3. Central finite differences (float64) and PyTorch (``torch.nn.functional.batch_norm`` and its
    autograd) where torch is installed.
 
 No expected number here is copied from bnorm's output.
 
-Tolerances (all "normwise": ``|got - expected| <= tol * (|expected| + max|expected|)``, so an
-element is compared against the magnitude of the whole result, which is what the cancellations in
-``x - mean`` and ``dy - dbeta/M - xhat*dgamma/M`` allow):
-
-* float64 (eps 2.2e-16): two correct implementations differ only by summation order over at most
-  a few hundred elements, i.e. ~1e-14 relative; ``TOL64 = 1e-10`` leaves four orders of headroom
-  and still catches any wrong formula, factor or index (those give errors of order 1).
-* float32 vs the float64 oracle: the result rounded to float32 (half an ulp, 6e-8) plus a handful of
-  float32 roundings in the elementwise pass. ``TOL32 = 16 * eps32 = 1.9e-6``. The post's float32
-  code is off by 3e-3 on ``1e4 + randn`` data, so this tolerance is what "float32 precision" means.
-* float32 vs the post's float32 code: the post's code itself accumulates in float32 (errors up to
-  ~M * eps32 for the small M used with it, relative to the terms it sums), so ``TOL32_REF = 1e-4``
-  of those terms.
+Tolerances: ``TOL64``, ``TOL32`` and ``TOL32_REF``, applied normwise by ``assert_close``; the
+docstring of tests/helpers.py explains them.
 
 Random data comes from seeds fixed per test (``stable_seed``), so a failure reproduces.
 """
 import inspect
-import os
 import re
 import subprocess
 import sys
-import zlib
 
 import numpy as np
 import pytest
+from helpers import (BNORM_PARENT, DTYPES, F32, F64, TOL32, TOL64, amax, assert_close, axes_of,
+                     child_env, expand, fshape, mean_var, oracle_backward, oracle_forward, randn,
+                     stable_seed, tol_oracle, tol_ref)
 
 import bnorm
 from bnorm import reference
 
-try:
-    from numpy.lib.array_utils import normalize_axis_tuple
-except ImportError:  # NumPy < 2.0
-    from numpy.core.numeric import normalize_axis_tuple
-
-F32, F64 = np.float32, np.float64
-DTYPES = [F32, F64]
-TOL64 = 1e-10
-TOL32 = 16 * float(np.finfo(F32).eps)
-TOL32_REF = 1e-4
-
-
-def tol_oracle(dtype):
-    return TOL32 if dtype == F32 else TOL64
-
-
-def tol_ref(dtype):
-    return TOL32_REF if dtype == F32 else TOL64
-
 
 # --------------------------------------------------------------------------- helpers
-def axes_of(ndim, axis):
-    """(reduced axes, kept axes sorted) as API.md defines them."""
-    kept = sorted(normalize_axis_tuple(axis, ndim))
-    red = tuple(a for a in range(ndim) if a not in kept)
-    return red, tuple(kept)
-
-
-def fshape(shape, axis):
-    _, kept = axes_of(len(shape), axis)
-    return tuple(shape[a] for a in kept)
-
-
-def expand(v, red, F):
-    """An F-broadcastable per-feature float64 quantity laid out to broadcast against x."""
-    return np.expand_dims(np.broadcast_to(np.asarray(v, F64), F), red)
-
-
-def sum_to(g, shape):
-    """Sum an F-shaped gradient down to ``shape`` (the shape gamma was broadcast from)."""
-    shape = tuple(shape)
-    lead = g.ndim - len(shape)
-    g = g.sum(tuple(range(lead)))
-    ones = tuple(i for i, n in enumerate(shape) if n == 1 and g.shape[i] != 1)
-    return g.sum(ones, keepdims=True).reshape(shape)
-
-
-def oracle_forward(x, gamma=None, beta=None, axis=-1, eps=1e-8, training=True,
-                   running_mean=None, running_var=None, momentum=0.9):
-    """API.md's forward in float64. Returns y, mean, rstd, new running mean, new running var."""
-    x64 = np.asarray(x).astype(F64)
-    red, kept = axes_of(x64.ndim, axis)
-    F = tuple(x64.shape[a] for a in kept)
-    new_rm = new_rv = None
-    if training:
-        # shifted by the first element of each feature: exact for constant features (x - mean == 0)
-        shift = x64[tuple(0 if a in red else slice(None) for a in range(x64.ndim))]
-        d = x64 - expand(shift, red, F)
-        dmean = d.mean(red)
-        mean = shift + dmean
-        var = ((d - expand(dmean, red, F)) ** 2).mean(red)  # two-pass, biased
-        if running_mean is not None:
-            new_rm = momentum * np.asarray(running_mean, F64) + (1 - momentum) * mean
-            new_rv = momentum * np.asarray(running_var, F64) + (1 - momentum) * var
-    else:
-        mean = np.asarray(running_mean, F64)
-        var = np.asarray(running_var, F64)
-    rstd = 1.0 / np.sqrt(var + eps)
-    g = 1.0 if gamma is None else gamma
-    b = 0.0 if beta is None else beta
-    y = (x64 - expand(mean, red, F)) * expand(rstd, red, F) * expand(g, red, F) + expand(b, red, F)
-    return y, np.asarray(mean), np.asarray(rstd), new_rm, new_rv
-
-
-def oracle_backward(dy, x, mean, rstd, gamma=None, axis=-1, training=True):
-    """API.md's backward in float64 (mean, rstd given in float64). Returns dx, dgamma, dbeta."""
-    x64 = np.asarray(x).astype(F64)
-    dy64 = np.asarray(dy).astype(F64)
-    red, kept = axes_of(x64.ndim, axis)
-    F = tuple(x64.shape[a] for a in kept)
-    M = int(np.prod([x64.shape[a] for a in red], dtype=np.int64))
-    xhat = (x64 - expand(mean, red, F)) * expand(rstd, red, F)
-    dbeta = dy64.sum(red)
-    dgamma_F = (dy64 * xhat).sum(red)
-    g = expand(1.0 if gamma is None else gamma, red, F)
-    if training:
-        dx = g * expand(rstd, red, F) * (dy64 - expand(dbeta, red, F) / M
-                                         - xhat * expand(dgamma_F, red, F) / M)
-    else:
-        dx = g * expand(rstd, red, F) * dy64
-    dgamma = dgamma_F if gamma is None else sum_to(np.asarray(dgamma_F), np.shape(gamma))
-    return dx, np.asarray(dgamma), np.asarray(dbeta)
-
-
-def assert_close(got, expected, tol, what="", scale=0.0):
-    """Normwise comparison (see the module docstring), plus shape equality. ``scale``: the
-    magnitude of the terms the result was computed from, when it can exceed the result's."""
-    got = np.asarray(got)
-    expected = np.asarray(expected, dtype=F64)
-    assert got.shape == expected.shape, f"{what}: shape {got.shape} != {expected.shape}"
-    scale = max(scale, float(np.max(np.abs(expected))) if expected.size else 0.0)
-    if scale == 0.0:
-        scale = 1.0
-    np.testing.assert_allclose(got.astype(F64), expected, rtol=tol, atol=tol * scale,
-                               err_msg=what)
-
-
 def dx_terms(dy, rstd, gamma, axis):
     """max |gamma * rstd * dy|: the size of the terms whose difference is the training-mode dx.
     For M = 1 or 2, dx is exactly 0 while its terms are not (e.g. rstd = 1e4 for var = 0), so
@@ -153,16 +38,7 @@ def dx_terms(dy, rstd, gamma, axis):
     red, kept = axes_of(dy.ndim, axis)
     F = tuple(dy.shape[a] for a in kept)
     g = 1.0 if gamma is None else gamma
-    return float(np.max(np.abs(dy * expand(rstd, red, F) * expand(g, red, F)), initial=0.0))
-
-
-def stable_seed(*key):
-    """A seed from the test's parameters, the same in every process (hash() of a str is not)."""
-    return zlib.crc32(repr(key).encode())
-
-
-def randn(rng, shape, dtype, loc=0.0, scale=1.0):
-    return (loc + scale * rng.standard_normal(shape)).astype(dtype)
+    return amax(dy * expand(rstd, red, F) * expand(g, red, F))
 
 
 def params(rng, F, dtype):
@@ -232,7 +108,7 @@ def check_all(x, dy, gamma, beta, axis, training, rm, rv, momentum=0.9, eps=1e-8
         red, _ = axes_of(np.ndim(x), axis)
         abs_x, abs_dy = np.abs(np.asarray(x, F64)), np.abs(np.asarray(dy, F64))
         abs_xhat = np.abs(np.asarray(x, F64) - expand(om, red, F)) * expand(ors, red, F)
-        terms = {"mean": float(np.max(abs_x, initial=0.0)),
+        terms = {"mean": amax(abs_x),
                  "dgamma": float(np.sum(abs_dy * abs_xhat)), "dbeta": float(np.sum(abs_dy))}
         for name, a, b in [("y", y, ry), ("mean", mean, rmean), ("rstd", rstd, rrstd),
                            ("dgamma", dgamma, rdg), ("dbeta", dbeta, rdb)]:
@@ -523,11 +399,10 @@ def test_float32_far_from_zero_is_float32_accurate(shape, axis, loc, scale, trai
     F = fshape(shape, axis)
     gamma = rng.uniform(0.5, 2.0, F).astype(F32)
     beta = rng.standard_normal(F).astype(F32)
-    x64 = x.astype(F64)
-    red, _ = axes_of(x.ndim, axis)
+    batch_mean, batch_var = mean_var(x, axis)
     # running stats near the data (as after training), in float32
-    rm = (x64.mean(red) + 0.1 * scale * rng.standard_normal(F)).astype(F32)
-    rv = (x64.var(red) * rng.uniform(0.8, 1.2, F)).astype(F32)
+    rm = (batch_mean + 0.1 * scale * rng.standard_normal(F)).astype(F32)
+    rv = (batch_var * rng.uniform(0.8, 1.2, F)).astype(F32)
     rm_b, rv_b = rm.copy(), rv.copy()
     y, mean, rstd = bnorm.forward(x, gamma, beta, axis=axis, training=training,
                                   running_mean=rm_b, running_var=rv_b)
@@ -701,8 +576,7 @@ def test_running_stats_updated_in_place(xdtype, sdtype, momentum):
                                   momentum=momentum)
     assert rm.ctypes.data == ptr_m and rv.ctypes.data == ptr_v
     assert rm.dtype == sdtype and rv.dtype == sdtype and rm.shape == (4, 3)
-    x64 = x.astype(F64)
-    bm, bv = x64.mean(0), x64.var(0)  # biased
+    bm, bv = mean_var(x, (1, 2))  # biased
     t = TOL32 if F32 in (xdtype, sdtype) else TOL64
     assert_close(rm, momentum * rm0.astype(F64) + (1 - momentum) * bm, t, "running_mean")
     assert_close(rv, momentum * rv0.astype(F64) + (1 - momentum) * bv, t, "running_var")
@@ -880,7 +754,8 @@ def test_out_forward_and_backward(kind, dtype):
                          ids=lambda f: f.__name__[4:])
 @pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
 def test_out_in_place(layout, training, dtype):
-    """out=x for forward, out=dy for backward (API.md): results as if computed from copies."""
+    """out=x for forward, out=dy for backward (docs/api.md): results as if computed from
+    copies."""
     rng = np.random.default_rng(17)
     shape, axis = (7, 3, 5), (0, 2)
     F = fshape(shape, axis)
@@ -1072,11 +947,9 @@ def test_num_threads_round_trip():
 
 
 def test_num_threads_env_variable():
-    pkg_parent = os.path.dirname(os.path.dirname(os.path.abspath(bnorm.__file__)))
-    env = dict(os.environ, BNORM_NUM_THREADS="1",
-               PYTHONPATH=pkg_parent + os.pathsep + os.environ.get("PYTHONPATH", ""))
     out = subprocess.run([sys.executable, "-c", "import bnorm; print(bnorm.get_num_threads())"],
-                         env=env, capture_output=True, text=True, timeout=60, cwd=pkg_parent)
+                         env=child_env(BNORM_NUM_THREADS="1"), capture_output=True, text=True,
+                         timeout=60, cwd=BNORM_PARENT)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "1"
 

@@ -1,9 +1,9 @@
-"""Bad input: every row of API.md's table, for forward, backward and the split phases.
+"""Bad input: every row of docs/api.md's table, for forward, backward and the split phases.
 
 Each case starts from a call that is known to succeed (``test_baseline_is_valid``), changes one
 thing, and checks that
 
-* the exception is the type API.md names, with a message that names what is wrong;
+* the exception is the type docs/api.md names, with a message that names what is wrong;
 * no argument was modified: every array argument (``out=`` and running statistics included) is
   compared bitwise with a copy taken before the call.
 
@@ -14,13 +14,9 @@ import warnings
 
 import numpy as np
 import pytest
+from helpers import AxisError, axes_of, readonly
 
 import bnorm
-
-try:
-    from numpy.exceptions import AxisError
-except ImportError:  # NumPy < 1.25
-    from numpy import AxisError
 
 RNG = np.random.default_rng(20240601)
 
@@ -36,17 +32,12 @@ LAYOUTS = {
 }
 
 
-def batch_axes(ndim, axis):
-    kept = {a % ndim for a in ((axis,) if isinstance(axis, int) else axis)}
-    return tuple(d for d in range(ndim) if d not in kept)
-
-
 def valid_call(name, layout="nf", dtype=np.float64):
     """(function, kwargs) of a call that succeeds, with every optional array argument given."""
     shape, axis, F = LAYOUTS[layout]
     x = RNG.standard_normal(shape).astype(dtype)
     dy = RNG.standard_normal(shape).astype(dtype)
-    red = batch_axes(len(shape), axis)
+    red, _ = axes_of(len(shape), axis)
     mean = np.asarray(x.mean(axis=red))   # 0-d arrays, not NumPy scalars, when F == ()
     rstd = np.asarray(1 / np.sqrt(x.var(axis=red) + 1e-5))
     gamma = RNG.uniform(0.5, 2, F).astype(dtype)
@@ -99,12 +90,6 @@ REQUIRED_ARGS = ([(f, "x") for f in FUNCS] + [(f, "dy") for f, a in DATA_ARGS if
                   ("backward_apply", "count")])
 
 
-def readonly(a):
-    a = np.array(a, copy=True)
-    a.flags.writeable = False
-    return a
-
-
 def assert_raises_untouched(fn, kw, exc, match=None):
     """fn(**kw) raises exc (matching match), and leaves every array argument bit for bit as it was."""
     arrays = {k: v for k, v in kw.items() if isinstance(v, np.ndarray)}
@@ -139,7 +124,7 @@ def test_baseline_is_valid(name, layout):
 
 # ---- dtypes ----
 
-# float16 and long double are not in API.md's list, but only float32/float64 are supported.
+# float16 and long double are not in docs/api.md's list, but only float32/float64 are supported.
 BAD_DATA_DTYPES = [np.int8, np.int64, np.uint32, np.bool_, np.float16, np.complex64,
                    np.complex128, object, "U8", "S8"]
 
@@ -387,7 +372,7 @@ def test_training_with_empty_batch(name):
 
 # ---- scalars: eps, momentum, count ----
 
-# API.md does not say; eps must keep var + eps >= 0 finite, and momentum weighs old and new.
+# docs/api.md does not say; eps must keep var + eps >= 0 finite, and momentum weighs old and new.
 @pytest.mark.parametrize("arg,value,exc", [
     ("eps", -1e-5, ValueError), ("eps", np.nan, ValueError), ("eps", np.inf, ValueError),
     ("eps", -np.inf, ValueError), ("eps", "1e-5", TypeError), ("eps", None, TypeError),

@@ -19,32 +19,17 @@ import subprocess
 import sys
 import threading
 import tracemalloc
-import zlib
 
 import numpy as np
 import pytest
+from helpers import (F32, F64, AxisError, asan_loaded, child_env, fshape, readonly, rng_for,
+                     rss_bytes, run_threads)
 from numpy.lib.stride_tricks import as_strided
 
 import bnorm
 from bnorm import _bnorm
 
-try:
-    from numpy.exceptions import AxisError
-except ImportError:  # NumPy < 1.25
-    from numpy import AxisError
-try:
-    from numpy.lib.array_utils import normalize_axis_tuple
-except ImportError:  # NumPy < 2.0
-    from numpy.core.numeric import normalize_axis_tuple
-
-F32, F64 = np.float32, np.float64
 HERE = os.path.dirname(os.path.abspath(__file__))
-
-
-def rng_for(name):
-    """Random data seeded by the test's name, the same in every process (so a failure
-    reproduces; hash() of a str is salted per process)."""
-    return np.random.default_rng(zlib.crc32(name.encode()))
 
 
 # --------------------------------------------------------------------------- error paths
@@ -80,10 +65,8 @@ def error_cases():
     dy = rng.standard_normal((6, 4))
     y, mean, rstd = bnorm.forward(x)
     F = (4,)
-    ro = np.ones(F)
-    ro.flags.writeable = False
-    ro_out = np.empty_like(x)
-    ro_out.flags.writeable = False
+    ro = readonly(np.ones(F))
+    ro_out = readonly(np.empty_like(x))
     cases = [
         # argument binding (forward and backward are C functions taking keywords), and
         # _bnorm's positional argument counts
@@ -256,7 +239,8 @@ def run_case(f, args, kw, exc=None):
 
 
 def test_error_cases_raise_what_api_md_says():
-    """The error table of the leak tests is right (so the leak tests run the paths they say)."""
+    """The error table of the leak tests is right (so the leak tests run the paths they say):
+    the exceptions docs/api.md names."""
     before = bnorm.get_num_threads()
     try:
         for name, f, args, kw, exc in error_cases():
@@ -338,16 +322,6 @@ def test_no_memory_leaks_tracemalloc(kind):
     assert end - start < 16 * 1024, f"traced memory grew by {end - start} bytes"
 
 
-def asan_loaded():
-    with open("/proc/self/maps") as f:
-        return "libasan" in f.read()
-
-
-def rss_bytes():
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-
-
 @pytest.mark.skipif(not os.path.exists("/proc/self/statm"), reason="needs Linux's /proc")
 def test_no_memory_leaks_rss():
     """Large enough to be split into pieces with partial sums (plain malloc, which tracemalloc
@@ -398,8 +372,7 @@ def problems():
                                ((256, 300), 0, F64), ((7,), (), F64)]:
         x = (3.0 + rng.standard_normal(shape)).astype(dtype)
         dy = rng.standard_normal(shape).astype(dtype)
-        kept = sorted(normalize_axis_tuple(axis, len(shape)))
-        F = tuple(shape[a] for a in kept)
+        F = fshape(shape, axis)
         g = rng.uniform(0.5, 2, F).astype(dtype)
         b = rng.standard_normal(F).astype(dtype)
         rm = rng.standard_normal(F).astype(dtype)
@@ -420,24 +393,6 @@ def compute(p):
                               running_var=rv0)
     dxe, dge, dbe = bnorm.backward(dy, x, rm0, re, g, axis=axis, training=False)
     return [a.tobytes() for a in (y, mean, rstd, rm, rv, dx, dg, db, ye, re, dxe, dge, dbe)]
-
-
-def run_threads(target, n, timeout=120):
-    errors = []
-
-    def wrapped(i):
-        try:
-            target(i)
-        except BaseException as e:  # reported below: a thread's exception must fail the test
-            errors.append((i, repr(e)))
-
-    threads = [threading.Thread(target=wrapped, args=(i,), daemon=True) for i in range(n)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(timeout)
-    assert not any(t.is_alive() for t in threads), "threads hang (deadlock?)"
-    assert not errors, errors
 
 
 def test_threads_get_the_serial_bits():
@@ -620,10 +575,8 @@ FUZZ_SEED = int(os.environ.get("BNORM_FUZZ_SEED", "20261125"))
 def test_fuzzed_arguments_never_crash_or_raise_systemerror():
     """Odd objects as every argument of every public function, in a child process (so a crash is
     a failure here, not the end of the test run).  See fuzz_main below."""
-    pkg_parent = os.path.dirname(os.path.dirname(os.path.abspath(bnorm.__file__)))
-    env = dict(os.environ, PYTHONPATH=pkg_parent + os.pathsep + os.environ.get("PYTHONPATH", ""))
     proc = subprocess.run([sys.executable, os.path.abspath(__file__), "fuzz", str(FUZZ_SEED)],
-                          env=env, capture_output=True, text=True, timeout=600, cwd=HERE)
+                          env=child_env(), capture_output=True, text=True, timeout=600, cwd=HERE)
     tail = "\n".join((proc.stdout + proc.stderr).splitlines()[-40:])
     assert proc.returncode == 0, f"fuzz child exited with {proc.returncode}:\n{tail}"
     summary = json.loads(proc.stdout.splitlines()[-1])

@@ -1,31 +1,23 @@
-"""bnorm.BatchNorm: the layer's API (API.md, "The layer") and its equivalence to the post's layer.
+"""bnorm.BatchNorm: the layer's API (docs/api.md, "The layer") and its equivalence to the post's
+layer.
 
-Expected values come from plain NumPy written here (float64), from finite differences, or from the
-post's own layer (bnorm.reference.PostBatchNorm); nothing is a number copied from bnorm's output.
+Expected values come from the float64 oracle of tests/helpers.py, from NumPy's mean and var, from
+finite differences, or from the post's own layer (bnorm.reference.PostBatchNorm); nothing is a
+number copied from bnorm's output.
 """
 import numpy as np
 import pytest
+from helpers import AxisError, mean_var, oracle_forward
 
 import bnorm
 from bnorm.reference import PostBatchNorm
 
-AxisError = np.exceptions.AxisError if hasattr(np, "exceptions") else np.AxisError
-
 
 def _bn_numpy(x, mean, var, gamma, beta, eps, axis):
-    """y = (x - mean) / sqrt(var + eps) * gamma + beta in float64, feature axes ``axis``."""
-    axes = sorted(a % x.ndim for a in (axis if isinstance(axis, tuple) else (axis,)))
-    red = tuple(a for a in range(x.ndim) if a not in axes)
-    F = tuple(x.shape[a] for a in axes)
-    e = lambda v: np.expand_dims(np.broadcast_to(np.asarray(v, np.float64), F), red)  # noqa: E731
-    return (x.astype(np.float64) - e(mean)) / np.sqrt(e(var) + eps) * e(gamma) + e(beta)
-
-
-def _batch_stats(x, axis):
-    axes = sorted(a % x.ndim for a in (axis if isinstance(axis, tuple) else (axis,)))
-    red = tuple(a for a in range(x.ndim) if a not in axes)
-    x64 = x.astype(np.float64)
-    return x64.mean(red), x64.var(red)
+    """y = (x - mean) / sqrt(var + eps) * gamma + beta in float64, feature axes ``axis``, from
+    the given statistics (the oracle's inference mode)."""
+    return oracle_forward(x, gamma, beta, axis, eps, training=False, running_mean=mean,
+                          running_var=var)[0]
 
 
 def _f32_close(a, b, scale=1.0):
@@ -52,7 +44,7 @@ def test_float64_layer():
     assert all(getattr(layer, n).dtype == np.float64
                for n in ("gamma", "beta", "running_mean", "running_var"))
     x = np.random.default_rng(0).standard_normal((7, 3))
-    m, v = _batch_stats(x, -1)
+    m, v = mean_var(x, -1)
     np.testing.assert_allclose(layer.forward(x), _bn_numpy(x, m, v, 1, 0, 1e-8, -1),
                                rtol=1e-12, atol=1e-12)
 
@@ -66,6 +58,14 @@ def test_float64_layer():
     (dict(num_features=4, eps=-1.0), ValueError),
     (dict(num_features=(3, 4), axis=-1), ValueError),   # 2-d F but one axis
     (dict(num_features=(3, 4), axis=(1, 1)), ValueError),
+    # as bnorm.forward: eps a finite number >= 0, momentum in [0, 1], NaN neither
+    (dict(num_features=4, eps=np.inf), ValueError),
+    (dict(num_features=4, eps=np.nan), ValueError),
+    (dict(num_features=4, momentum=np.nan), ValueError),
+    # a bool is an int to Python, but not a sensible eps or momentum
+    (dict(num_features=4, eps=True), TypeError),
+    (dict(num_features=4, momentum=np.True_), TypeError),
+    (dict(num_features=4, eps="1e-5"), TypeError),
 ])
 def test_bad_construction(kwargs, exc):
     nf = kwargs.pop("num_features")
@@ -84,7 +84,7 @@ def test_forward_training_matches_numpy_and_updates_running_stats_in_place():
     for step in range(3):
         x = (3 + 2 * rng.standard_normal((16, 6))).astype(np.float32)
         y = layer.forward(x)
-        m, v = _batch_stats(x, -1)
+        m, v = mean_var(x, -1)
         assert y.shape == x.shape and y.dtype == np.float32
         _f32_close(y, _bn_numpy(x, m, v, layer.gamma, layer.beta, 1e-8, -1))
         exp_rm = 0.7 * exp_rm + 0.3 * m
@@ -130,7 +130,7 @@ def test_tuple_num_features_with_axis_tuple():
         layer.gamma[:] = rng.uniform(0.5, 2, (C, W))
         layer.beta[:] = rng.standard_normal((C, W))
         y = layer.forward(x)
-        m, v = _batch_stats(x, axis)
+        m, v = mean_var(x, axis)
         assert m.shape == (C, W)
         _f32_close(y, _bn_numpy(x, m, v, layer.gamma, layer.beta, 1e-8, axis), scale=3)
         _f32_close(layer.running_mean, 0.1 * m)
@@ -140,7 +140,7 @@ def test_tuple_num_features_with_axis_tuple():
         _f32_close(layer.dbeta, np.full((C, W), N * H))
     # NCHW with an int axis
     layer = bnorm.BatchNorm(C, axis=1)
-    m, v = _batch_stats(x, 1)
+    m, v = mean_var(x, 1)
     _f32_close(layer.forward(x), _bn_numpy(x, m, v, 1, 0, 1e-8, 1), scale=3)
 
 
@@ -256,7 +256,7 @@ def test_affine_false():
     layer = bnorm.BatchNorm(3, affine=False)
     assert layer.gamma is None and layer.beta is None
     x = rng.standard_normal((10, 3)).astype(np.float32)
-    m, v = _batch_stats(x, -1)
+    m, v = mean_var(x, -1)
     _f32_close(layer.forward(x), _bn_numpy(x, m, v, 1, 0, 1e-8, -1))
     dy = rng.standard_normal((10, 3)).astype(np.float32)
     ref = bnorm.BatchNorm(3)                   # gamma = 1, beta = 0: same dx
@@ -337,6 +337,21 @@ def test_load_state_dict_validates_before_writing():
     layer.load_state_dict({k: v.astype(np.float64) + 1 for k, v in good.items()})
     assert layer.gamma.dtype == np.float32
     np.testing.assert_allclose(layer.gamma, good["gamma"].astype(np.float64) + 1, rtol=1e-7)
+
+
+@pytest.mark.parametrize("bad", [np.ones(5, bool), [True] * 5, np.ones(5, complex)],
+                         ids=["bool", "bool_list", "complex"])
+def test_load_state_dict_takes_real_numbers_only(bad):
+    layer = _trained_layer(np.random.default_rng(12))
+    before = layer.state_dict()
+    good = {k: v + 1 for k, v in before.items()}
+    with pytest.raises(TypeError, match="gamma"):
+        layer.load_state_dict(dict(good, gamma=bad))
+    for k, v in layer.state_dict().items():
+        np.testing.assert_array_equal(v, before[k], err_msg=k)
+    # integers are real numbers: cast like floats
+    layer.load_state_dict(dict(good, gamma=np.arange(5)))
+    np.testing.assert_array_equal(layer.gamma, np.arange(5, dtype=np.float32))
 
 
 def test_repr_shows_configuration():

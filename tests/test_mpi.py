@@ -18,8 +18,7 @@ import sys
 from pathlib import Path
 
 import pytest
-
-import bnorm
+from helpers import child_env
 
 SCRIPT = Path(__file__).resolve().parent / "mpi" / "check_sync.py"
 TIMEOUT = 180   # seconds per launch; a launch takes about a second here
@@ -56,13 +55,10 @@ def _launch(nranks):
     if "Open MPI" in version or "OpenRTE" in version:
         cmd.append("--oversubscribe")   # 3 ranks on a 2-core machine
     cmd += ["-n", str(nranks), sys.executable, str(SCRIPT), str(nranks)]
-    env = dict(os.environ)
     # Open MPI refuses to start as root without these (CI runs as root); MPICH ignores them.
-    env.update(OMPI_ALLOW_RUN_AS_ROOT="1", OMPI_ALLOW_RUN_AS_ROOT_CONFIRM="1",
-               BNORM_NUM_THREADS="1", OMP_NUM_THREADS="1")
     # The ranks import the same bnorm as this process (an in-place build or the installed one).
-    pkg_root = str(Path(bnorm.__file__).resolve().parent.parent)
-    env["PYTHONPATH"] = os.pathsep.join(p for p in (pkg_root, env.get("PYTHONPATH")) if p)
+    env = child_env(OMPI_ALLOW_RUN_AS_ROOT="1", OMPI_ALLOW_RUN_AS_ROOT_CONFIRM="1",
+                    BNORM_NUM_THREADS="1", OMP_NUM_THREADS="1")
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                             env=env, start_new_session=True)
     try:

@@ -1,5 +1,5 @@
-"""Property-based tests: bnorm on random shapes, axes, layouts and parameters against API.md's
-formulas evaluated in float64 (the oracle of tests/test_core.py).
+"""Property-based tests: bnorm on random shapes, axes, layouts and parameters against docs/api.md's
+formulas evaluated in float64 (the oracle of tests/helpers.py).
 
 Every example draws: a rank 1-6 shape with sides of 1 and sometimes a 0; feature axes as an int or
 a tuple (negative, unsorted, empty); x and dy as arbitrary strided views of their values
@@ -9,19 +9,19 @@ or arrays of any shape that broadcasts to F (in any dtype of real numbers and an
 running statistics (strided, either float dtype); out= as None, a strided view or in place.
 
 Checked: forward and backward in training and eval mode against the float64 oracle, shapes and
-dtypes of every result, the running-statistics update, the errors API.md asks for where the
+dtypes of every result, the running-statistics update, the errors docs/api.md asks for where the
 example is invalid (an empty batch in training), and that no input is ever modified (byte for
 byte, including gamma, beta, mean and rstd passed to backward).  The split-phase functions
 (batch_stats, normalize, backward_sums, backward_apply) get the same treatment.
 
-Tolerances.  ``t`` is test_core's TOL32 / TOL64 for the result's dtype, applied normwise as there
+Tolerances.  ``t`` is helpers' TOL32 / TOL64 for the result's dtype, applied normwise as there
 (``|got - want| <= t * (|want| + max|want|)``).  Random data also produces results that cancel:
 a mean near 0 of data near +-100, a feature whose spread is far below its magnitude (x - mean then
 depends on the last bits of a float64 mean), sums of dy * xhat that nearly vanish.  No float64
 evaluation is better there than the rounding of its terms, so each comparison also allows
 ``(M + 4) * 4 * eps64`` (the bound of a float64 sum of M terms) times the magnitude of the terms
 the result is made of (``hi`` below).  For float32 that is still ~1e-12 of the terms, so the
-float32-precision promise for data far from zero is tested as in test_core.
+float32-precision promise for data far from zero is tested as in test_core.py.
 
 Profiles (tests/conftest.py): ``ci`` by default, ``HYPOTHESIS_PROFILE=deep`` for many more
 examples.
@@ -32,9 +32,10 @@ from hypothesis import given, note
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
+from helpers import (F32, F64, TOL32, TOL64, amax, axes_of, expand, oracle_backward,
+                     oracle_forward, sum_to)
+
 import bnorm
-from test_core import (F32, F64, TOL32, TOL64, axes_of, expand, oracle_backward, oracle_forward,
-                       sum_to)
 
 MAX_SIDE = {1: 40, 2: 12, 3: 7, 4: 5, 5: 4, 6: 3}  # at most 1,728 elements
 
@@ -169,10 +170,6 @@ def cases(draw):
 EPS64 = float(np.finfo(F64).eps)
 
 
-def amax(a):
-    return float(np.max(np.abs(a), initial=0.0))
-
-
 def check(got, want, t, what, lo=0.0, hi=0.0, M=0):
     """|got - want| <= t * (|want| + max(lo, max|want|)) + (M + 4) * 4 * eps64 * hi, elementwise.
     ``lo``: the magnitude of terms the result is computed from in its own dtype (float32
@@ -277,7 +274,7 @@ def test_forward_backward_match_float64_oracle(case):
     out0 = None if out is None or inplace else np.array(out)
 
     if training and M == 0:
-        # API.md: nothing to reduce over is a ValueError, and nothing has been modified
+        # docs/api.md: nothing to reduce over is a ValueError, and nothing has been modified
         with pytest.raises(ValueError):
             bnorm.forward(x, gamma, beta, running_mean=rm, running_var=rv, out=out, **kw)
         with pytest.raises(ValueError):
@@ -329,7 +326,7 @@ def test_forward_backward_match_float64_oracle(case):
     check_result(dgamma, F if gamma is None else np.shape(gamma), dtype, "dgamma")
     if dout is not None:
         assert dx is dout
-    # API.md: in training, mean and rstd are the batch statistics (bnorm recomputes the part of
+    # docs/api.md: in training, mean and rstd are the batch statistics (bnorm recomputes the part of
     # the mean that rounding to x's dtype lost); in eval they are constants, taken as given.
     # dy of the other float dtype is cast to x's (the docstring).
     bm, br = (om, ors) if training else (mean0.astype(F64), rstd0.astype(F64))

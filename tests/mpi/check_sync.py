@@ -15,12 +15,17 @@ an unexpected exception aborts the whole job (exit 2) rather than leaving the ot
 """
 import sys
 import traceback
+from pathlib import Path
 
 import numpy as np
 from mpi4py import MPI
 
 import bnorm
 from bnorm.mpi import SyncBatchNorm, allreduce_stats
+
+# tests/helpers.py: this script runs under mpiexec, where pytest does not put tests/ on the path
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from helpers import axes_of, expand, fshape, mean_var  # noqa: E402
 
 COMM = MPI.COMM_WORLD
 RANK, SIZE = COMM.Get_rank(), COMM.Get_size()
@@ -113,40 +118,22 @@ def my_slice(counts, split_axis, ndim):
     return tuple(idx)
 
 
-def feature_axes(axis, ndim):
-    axes = axis if isinstance(axis, tuple) else (axis,)
-    return sorted(a % ndim for a in axes)
-
-
-def feature_view(a, axis, ndim):
-    """Reshape a per-feature array of shape F so it broadcasts against x."""
-    axes = feature_axes(axis, ndim)
-    shape = [1] * ndim
-    for k, ax in enumerate(axes):
-        shape[ax] = a.shape[k]
-    return a.reshape(shape)
-
-
 def make_batch(rng, shape, axis, dtype, offsets, scales):
     """x with per-feature means ``offsets`` and standard deviations ``scales``; dy."""
-    ndim = len(shape)
+    red, _ = axes_of(len(shape), axis)
+    F = fshape(shape, axis)
     z = rng.standard_normal(shape)
-    x = feature_view(offsets, axis, ndim) + feature_view(scales, axis, ndim) * z
+    x = expand(offsets, red, F) + expand(scales, red, F) * z
     dy = rng.standard_normal(shape) * 0.5 + 0.1
     return x.astype(dtype), dy.astype(dtype)
 
 
 # --------------------------------------------------------------------------- tolerances
-def _batch_axes(x, axis):
-    fa = feature_axes(axis, x.ndim)
-    return tuple(a for a in range(x.ndim) if a not in fa)
-
-
 def _cond(x, axis, mean, var):
     """Per-feature condition of batch norm on x: (max|x| + |mean|) / std (>= 1): the float error
     of x - mean (mean: the batch's or, in eval mode, the running one), relative to the spread, is
     about eps * cond."""
-    red = _batch_axes(x, axis)
+    red, _ = axes_of(x.ndim, axis)
     x64 = x.astype(np.float64)
     amax = np.abs(x64).max(axis=red) if x.size else np.zeros_like(mean)
     amax = amax + np.abs(np.asarray(mean, np.float64))
@@ -166,7 +153,7 @@ def run_case(label, shape, axis, split_axis, dtype, offsets, scales, counts, ste
     layer_dtype = np.dtype(layer_dtype or dtype)
     eps = max(EPS[dtype], EPS[layer_dtype]) * slack
     ndim = len(shape)
-    F = tuple(shape[a] for a in feature_axes(axis, ndim))
+    F = fshape(shape, axis)
     rng = np.random.default_rng(seed)     # the same global batches on every rank
     ref = bnorm.BatchNorm(F, axis=axis, momentum=0.8, dtype=layer_dtype)
     comm = CountingComm(COMM)
@@ -196,16 +183,16 @@ def run_case(label, shape, axis, split_axis, dtype, offsets, scales, counts, ste
         bwd_calls = comm.allreduces - n_before - fwd_calls
 
         # scales for the tolerances, per feature, from the reference's own numbers
-        red = _batch_axes(x, axis)
+        red, _ = axes_of(x.ndim, axis)
         x64 = x.astype(np.float64)
         if training:
-            mean, var = x64.mean(axis=red), x64.var(axis=red)
+            mean, var = mean_var(x, axis)
         else:
             mean = ref.running_mean.astype(np.float64)
             var = ref.running_var.astype(np.float64)
         cond = _cond(x, axis, mean, var)
         rstd = 1.0 / np.sqrt(var + ref.eps)
-        fv = lambda a: feature_view(np.asarray(a, np.float64), axis, ndim)
+        fv = lambda a: expand(a, red, F)
         xhat = (x64 - fv(mean)) * fv(rstd)
         y_scale = np.abs(gamma_used) * np.abs(xhat).max(axis=red) + np.abs(beta_used) + 1
         dy64 = dy.astype(np.float64)
@@ -341,6 +328,55 @@ def test_errors_do_not_hang():
     check("dx shape after errors", dx.shape, (2, F), 0, np.float32)
 
 
+def test_configuration_is_checked_as_in_batchnorm():
+    """SyncBatchNorm takes and rejects what BatchNorm (and bnorm.forward) does: eps a finite
+    number >= 0 (eps=inf once gave y = beta), momentum in [0, 1], no bools, state dicts of real
+    numbers."""
+    F = 4
+    bad = [(dict(eps=np.inf), ValueError), (dict(eps=np.nan), ValueError),
+           (dict(eps=-1.0), ValueError), (dict(momentum=np.nan), ValueError),
+           (dict(momentum=1.5), ValueError), (dict(eps=True), TypeError),
+           (dict(momentum=np.True_), TypeError)]
+    x = np.random.default_rng(RANK).standard_normal((6, F)).astype(np.float32)
+    for name, make in both_layers(F).items():
+        for kw, exc in bad:
+            expect_raise(f"{name}({kw})", lambda: make(**kw), exc)
+        # eps changed after construction: the forward checks it too (every rank fails alike)
+        layer = make()
+        layer.eps = np.inf
+        expect_raise(f"{name} forward with eps=inf", lambda: layer.forward(x), ValueError)
+        layer = make()
+        good = {k: v + 1 for k, v in layer.state_dict().items()}
+        expect_raise(f"{name}.load_state_dict of bools",
+                     lambda: layer.load_state_dict(dict(good, gamma=np.ones(F, bool))), TypeError)
+        check(f"{name} gamma after a failed load", layer.gamma, np.ones(F), 0.0, np.float32)
+
+
+def test_failed_running_update_changes_nothing():
+    """A float16 running_var overflows for data of this spread (var ~1e8): an exception under
+    np.errstate(over="raise"), after which neither running statistic may have changed (as in
+    bnorm.forward)."""
+    F = 4
+    x = (1e4 * np.random.default_rng(RANK).standard_normal((6, F))).astype(np.float32)
+    for name, make in both_layers(F).items():
+        layer = make()
+        layer.running_mean[...] = 0.5
+        layer.running_var = np.ones(F, np.float16)
+        with np.errstate(over="raise"):
+            expect_raise(f"{name} running_var cast overflow", lambda: layer.forward(x),
+                         FloatingPointError)
+        check(f"{name} running_mean after a failed update", layer.running_mean,
+              np.full(F, 0.5), 0.0, np.float32)
+        check(f"{name} running_var after a failed update", layer.running_var, np.ones(F), 0.0,
+              np.float32)
+
+
+def both_layers(F):
+    """Constructors of a BatchNorm and a SyncBatchNorm of F features, by name."""
+    return {"BatchNorm": lambda **kw: bnorm.BatchNorm(F, **kw),
+            "SyncBatchNorm": lambda **kw: SyncBatchNorm(COMM, F, **kw)}
+
+
 def test_nan_stays_in_its_feature():
     F, N = 3, 17
     rng = np.random.default_rng(5)
@@ -421,6 +457,8 @@ def main():
     try:
         test_layouts()
         test_errors_do_not_hang()
+        test_configuration_is_checked_as_in_batchnorm()
+        test_failed_running_update_changes_nothing()
         test_nan_stays_in_its_feature()
         test_allreduce_stats_and_shift_mismatch()
         test_broadcast_state()

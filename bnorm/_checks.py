@@ -1,0 +1,163 @@
+"""What ``BatchNorm`` (layer.py) and ``SyncBatchNorm`` (mpi.py) both check, and the running-average
+update that ``SyncBatchNorm`` does in Python.
+
+The eps and momentum checks raise what the C ``bnorm.forward`` raises (ValueError for NaN, inf or
+a value out of range, TypeError for what is not a real number) and reject bools too, so that the
+two layers agree with each other and with the functions: ``BatchNorm`` finds a bad ``eps`` at
+construction instead of at its first forward, and ``SyncBatchNorm``, which computes ``rstd``
+itself, finds it at all.
+"""
+from __future__ import annotations
+
+import math
+import numbers
+import operator
+from collections.abc import Iterable
+from typing import Any, Tuple, Union
+
+import numpy as np
+from numpy.typing import ArrayLike, DTypeLike, NDArray
+
+try:
+    from numpy.lib.array_utils import normalize_axis_tuple
+except ImportError:  # NumPy < 2.0
+    from numpy.core.numeric import normalize_axis_tuple  # type: ignore[no-redef]
+
+# Runtime aliases (Python 3.9 has no ``int | tuple`` outside annotations).
+Axis = Union[int, Tuple[int, ...]]
+Shape = Tuple[int, ...]
+FloatArray = NDArray[np.floating[Any]]
+
+LAYER_DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
+
+
+def axis_spec(axis: object) -> Axis:
+    """``axis`` as an int or a tuple of ints, as given (negative axes are resolved against x)."""
+    if isinstance(axis, (bool, np.bool_)):
+        raise TypeError("axis must be an int or a tuple of ints, got a bool")
+    if isinstance(axis, numbers.Integral):
+        return operator.index(axis)
+    try:
+        axes = tuple(operator.index(a) for a in axis)  # type: ignore[attr-defined]
+    except TypeError:
+        raise TypeError(f"axis must be an int or a tuple of ints, got {axis!r}") from None
+    if len(set(axes)) != len(axes):
+        # The same axis named twice (as written; -1 vs ndim-1 is caught at forward).
+        raise ValueError(f"repeated axis in axis={axis!r}")
+    return axes
+
+
+def feature_shape(num_features: object) -> Shape:
+    """``num_features`` (an int or a tuple of ints) as the feature shape ``F``."""
+    if isinstance(num_features, (bool, np.bool_)):
+        raise TypeError("num_features must be an int or a tuple of ints, got a bool")
+    if isinstance(num_features, numbers.Integral):
+        shape: Shape = (operator.index(num_features),)
+    else:
+        try:
+            shape = tuple(operator.index(n) for n in num_features)  # type: ignore[attr-defined]
+        except TypeError:
+            raise TypeError(f"num_features must be an int or a tuple of ints, got "
+                            f"{num_features!r}") from None
+    if not shape or any(n < 1 for n in shape):
+        raise ValueError(f"num_features must be a non-empty shape of positive sizes, got "
+                         f"{num_features!r}")
+    return shape
+
+
+def check_axis_count(axis: Axis, num_features: Shape) -> None:
+    """``axis`` names as many feature axes as ``num_features`` has dimensions."""
+    naxes = 1 if isinstance(axis, int) else len(axis)
+    if naxes != len(num_features):
+        raise ValueError(f"axis={axis!r} names {naxes} feature axes but num_features="
+                         f"{num_features} has {len(num_features)} dimensions")
+
+
+def check_features(x: np.ndarray, axis: Axis, num_features: Shape) -> None:
+    """``x``'s feature shape at ``axis`` is the layer's ``num_features``.
+
+    AxisError for an axis out of range (or 0-d x), ValueError for a repeated axis or another
+    feature shape.
+    """
+    axes = normalize_axis_tuple(axis, x.ndim)
+    found = tuple(x.shape[a] for a in sorted(axes))
+    if found != num_features:
+        raise ValueError(f"x of shape {x.shape} has feature shape {found} at axis={axis!r}, "
+                         f"but the layer has num_features={num_features}")
+
+
+def check_dy(dy: ArrayLike, x: np.ndarray) -> np.ndarray:
+    """``dy`` as an array of the last forward's ``x``'s shape."""
+    if not isinstance(dy, np.ndarray):
+        dy = np.asarray(dy)
+    if dy.shape != x.shape:
+        raise ValueError(f"dy has shape {dy.shape} but the last forward's x has shape "
+                         f"{x.shape}")
+    return dy
+
+
+def _real_number(name: str, value: object) -> float:
+    # A bool is an int to Python and NumPy, but eps=True is a mistake rather than 1.0; a string
+    # would pass float() but not the C forward's argument parsing.
+    if isinstance(value, (bool, np.bool_)):
+        raise TypeError(f"{name} must be a real number, got a bool ({value!r})")
+    if isinstance(value, numbers.Real):
+        return float(value)
+    if isinstance(value, np.ndarray) and value.ndim == 0 and value.dtype.kind in "iuf":
+        return float(value)
+    raise TypeError(f"{name} must be a real number, got {value!r}")
+
+
+def check_eps(eps: object) -> float:
+    """``eps`` as a float: a finite number >= 0 (NaN and inf are ValueErrors, as in forward)."""
+    value = _real_number("eps", eps)
+    if not (value >= 0.0 and math.isfinite(value)):
+        raise ValueError(f"eps must be a finite number >= 0, got {eps!r}")
+    return value
+
+
+def check_momentum(momentum: object) -> float:
+    """``momentum`` as a float in [0, 1] (NaN is a ValueError, as in forward)."""
+    value = _real_number("momentum", momentum)
+    if not 0.0 <= value <= 1.0:
+        raise ValueError(f"momentum must be in [0, 1], got {momentum!r}")
+    return value
+
+
+def check_layer_dtype(dtype: DTypeLike) -> np.dtype[Any]:
+    """The dtype of a layer's parameters and running statistics: float32 or float64."""
+    found = np.dtype(dtype)
+    if found not in LAYER_DTYPES:
+        raise TypeError(f"dtype must be float32 or float64, got {found}")
+    return found
+
+
+def check_writable(name: str, array: np.ndarray) -> None:
+    if not array.flags.writeable:
+        raise ValueError(f"{name} is read-only")
+
+
+def update_running_averages(momentum: float,
+                            updates: Iterable[tuple[str, np.ndarray, ArrayLike]]) -> None:
+    """``r = momentum * r + (1 - momentum) * batch_stat`` in place, for each
+    ``(name, r, batch_stat)``, as ``bnorm.forward`` updates its running statistics: computed in
+    float64 and cast to ``r``'s dtype.
+
+    Every check and every new value (its cast too, which raises under ``np.errstate(over=
+    "raise")`` when a float16 statistic overflows) comes before the first write, so on an
+    exception no ``r`` has changed.
+    """
+    new = []
+    for name, r, stat in updates:
+        if not (isinstance(r, np.ndarray) and r.dtype.kind == "f"):
+            raise TypeError(f"{name} must be a float array to be updated in place, got "
+                            f"{type(r).__name__} of dtype {np.asarray(r).dtype}")
+        check_writable(name, r)
+        batch = np.asarray(stat, np.float64)
+        if r.shape != batch.shape:
+            raise ValueError(f"{name} has shape {r.shape} but the batch statistic has shape "
+                             f"{batch.shape}")
+        new.append((r, (momentum * r.astype(np.float64) + (1.0 - momentum) * batch)
+                    .astype(r.dtype)))
+    for r, value in new:
+        np.copyto(r, value)   # same shape and dtype: cannot fail
