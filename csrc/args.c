@@ -669,7 +669,7 @@ int call_require_batch(const call *c)
                         "bnorm: no elements to reduce over (a batch axis has length 0)");
         return -1;
     }
-    if (L->m == 1) {
+    if (L->m == 1 && L->nfeat > 0) {
         /* y would be beta and dx zero: always a mistake, most often a 1-d x (every element its
          * own feature under axis=-1) or a batch of one */
         PyObject *shape = shape_tuple(L->ndim, L->shape), *fshape = shape_tuple(L->nkept, L->fshape);

@@ -157,6 +157,17 @@ def test_matches_reference_and_oracle(case, dtype, training):
     x = randn(rng, shape, dtype, loc=0.3, scale=2.0)
     dy = randn(rng, shape, dtype)
     gamma, beta, rm, rv = params(rng, F, dtype)
+    if training and x.size == np.prod(F):
+        # one value per feature (M = 1): y would be beta and dx zero, a ValueError naming the
+        # shape (docs/api.md), with nothing modified; inference normalizes as usual
+        snapshot = [a.copy() for a in (x, dy, rm, rv)]
+        with pytest.raises(ValueError, match=re.escape(f"x of shape {shape}")):
+            bnorm.forward(x, gamma, beta, axis=axis, running_mean=rm, running_var=rv)
+        with pytest.raises(ValueError, match=re.escape(f"x of shape {shape}")):
+            bnorm.backward(dy, x, np.zeros(F, dtype), np.ones(F, dtype), gamma, axis=axis)
+        for a, b in zip((x, dy, rm, rv), snapshot):
+            np.testing.assert_array_equal(a, b)
+        return
     check_all(x, dy, gamma, beta, axis, training, rm, rv, momentum=0.8)
 
 

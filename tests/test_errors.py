@@ -221,14 +221,64 @@ def not_exactly(F):
     return not_broadcasting_to(F) + [(1,) + F] + ([(1,) * len(F)] if F else [])
 
 
+def keepdims_shape(layout):
+    """x's shape with every batch axis 1: a per-feature argument may come in it (docs/api.md)."""
+    shape, axis, _ = LAYOUTS[layout]
+    _, kept = axes_of(len(shape), axis)
+    return tuple(n if d in kept else 1 for d, n in enumerate(shape))
+
+
 @pytest.mark.parametrize("layout", LAYOUTS)
 @pytest.mark.parametrize("name,arg", BROADCAST_ARGS + EXACT_ARGS)
 def test_per_feature_array_not_fitting_F(name, arg, layout):
     F = LAYOUTS[layout][2]
     for bad in (not_exactly if (name, arg) in EXACT_ARGS else not_broadcasting_to)(F):
+        if bad == keepdims_shape(layout):
+            continue  # valid (test_keepdims_parameters_are_accepted)
         fn, kw = valid_call(name, layout)
         kw[arg] = np.ones(bad, kw[arg].dtype)
         assert_raises_untouched(fn, kw, ValueError, shapes_pattern(arg, bad, F))
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("name,arg", BROADCAST_ARGS + EXACT_ARGS)
+def test_keepdims_parameters_are_accepted(name, arg, layout):
+    """The same call with one per-feature argument in x's keepdims shape gives the same results;
+    a running statistic is updated in its own shape (tests/test_core.py checks the values)."""
+    fn, kw = valid_call(name, layout)
+    want = fn(**{k: v.copy() if isinstance(v, np.ndarray) else v for k, v in kw.items()})
+    kw[arg] = kw[arg].reshape(keepdims_shape(layout)).copy()
+    got = fn(**kw)
+    assert kw[arg].shape == keepdims_shape(layout)
+    for g, w in zip(got if isinstance(got, tuple) else (got,),
+                    want if isinstance(want, tuple) else (want,)):
+        np.testing.assert_array_equal(np.asarray(g).ravel(), np.asarray(w).ravel())
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("name", ["forward", "backward"])
+def test_training_with_one_value_per_feature(name, layout):
+    """M == 1 in training: y would be beta, dx zero.  A ValueError naming x's shape, nothing
+    modified; inference with M == 1 works."""
+    one = keepdims_shape(layout)  # one batch row: every batch axis of length 1
+    fn, kw = valid_call(name, layout)
+    for k in ("x", "dy", "out"):
+        if k in kw:
+            kw[k] = kw[k][tuple(slice(0, n) for n in one)].copy()
+    assert_raises_untouched(fn, kw, ValueError,
+                            rf"x of shape {re.escape(str(one))} has one per feature")
+    if name == "forward":
+        kw.update(training=False)
+        assert fn(**kw)[0].shape == one
+
+
+@pytest.mark.parametrize("value,exc", [(2, ValueError), (-1, ValueError), (2**70, ValueError),
+                                       (0.5, TypeError), ("1", TypeError), (None, TypeError),
+                                       ([1], TypeError)], ids=repr)
+def test_running_var_ddof_bad(value, exc):
+    fn, kw = valid_call("forward")
+    kw["running_var_ddof"] = value
+    assert_raises_untouched(fn, kw, exc, "running_var_ddof")
 
 
 @pytest.mark.parametrize("layout", LAYOUTS)
@@ -462,6 +512,11 @@ NEW_USER_VALID = {
 @pytest.mark.parametrize("x", NEW_USER_VALID.values(), ids=NEW_USER_VALID.keys())
 def test_new_user_lists_work_like_arrays(x):
     a = np.asarray(x, dtype=np.float64)
+    if a.size == 1:  # one value per feature: training raises for the list as for the array
+        for data in (x, a):
+            with pytest.raises(ValueError, match="one per feature"):
+                bnorm.forward(data)
+        x, a = [x, x], np.stack([a, a])  # and two of them work like an array
     y, mean, rstd = bnorm.forward(x)
     y_a, mean_a, rstd_a = bnorm.forward(a)
     for got, want in [(y, y_a), (mean, mean_a), (rstd, rstd_a)]:

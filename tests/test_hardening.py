@@ -150,7 +150,7 @@ def error_cases():
         ("running_var int", bnorm.forward, (x,),
          dict(running_mean=np.zeros(4), running_var=np.ones(4, int)), TypeError),
         ("running_mean shape", bnorm.forward, (x,),
-         dict(running_mean=np.zeros((1, 4)), running_var=np.ones(4)), ValueError),
+         dict(running_mean=np.zeros((2, 4)), running_var=np.ones(4)), ValueError),
         ("running_var read-only", bnorm.forward, (x,),
          dict(running_mean=np.zeros(4), running_var=ro), ValueError),
         # out
