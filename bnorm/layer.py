@@ -4,9 +4,16 @@ A drop-in for the blog post's NumPy layer (``bnorm.reference.PostBatchNorm``): s
 defaults (eps 1e-8, momentum 0.9 as the weight of the old running value, biased running variance,
 channels-last), but the layer owns its parameters and the work is done by the C kernels.
 """
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
 import numpy as np
+from numpy.typing import ArrayLike, DTypeLike
 
 from . import _checks, backward as _backward, forward as _forward
+from ._checks import Axis, FloatArray, Shape
 
 __all__ = ["BatchNorm"]
 
@@ -53,8 +60,22 @@ class BatchNorm:
     so a float64 ``x`` through a float32 layer gives float64 outputs.
     """
 
-    def __init__(self, num_features, *, axis=-1, eps=1e-8, momentum=0.9, affine=True,
-                 dtype=np.float32):
+    num_features: Shape
+    axis: Axis
+    eps: float
+    momentum: float
+    affine: bool
+    dtype: np.dtype[Any]
+    gamma: FloatArray | None
+    beta: FloatArray | None
+    running_mean: FloatArray
+    running_var: FloatArray
+    dgamma: FloatArray | None
+    dbeta: FloatArray | None
+
+    def __init__(self, num_features: int | tuple[int, ...], *, axis: Axis = -1,
+                 eps: float = 1e-8, momentum: float = 0.9, affine: bool = True,
+                 dtype: DTypeLike = np.float32) -> None:
         self.num_features = _checks.feature_shape(num_features)
         self.axis = _checks.axis_spec(axis)
         _checks.check_axis_count(self.axis, self.num_features)
@@ -70,10 +91,12 @@ class BatchNorm:
         self.running_var = np.ones(F, self.dtype)
         self.dgamma = None
         self.dbeta = None
-        self._saved = None  # (x, mean, rstd, gamma, training) of the last forward
+        # (x, mean, rstd, gamma, training) of the last forward
+        self._saved: tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray | None, bool] | None
+        self._saved = None
 
     # ------------------------------------------------------------------ forward / backward
-    def forward(self, x, training=True):
+    def forward(self, x: ArrayLike, training: bool = True) -> FloatArray:
         """Normalize ``x`` (shape ``S``, feature shape ``F`` at ``axis``); returns ``y``.
 
         training=True uses the batch statistics and updates ``running_mean``/``running_var`` in
@@ -93,7 +116,7 @@ class BatchNorm:
 
     __call__ = forward
 
-    def backward(self, dy):
+    def backward(self, dy: ArrayLike) -> FloatArray:
         """Gradient w.r.t. the last ``forward``'s ``x``; sets ``self.dgamma`` and ``self.dbeta``.
 
         After a training forward the batch statistics' dependence on ``x`` is included; after an
@@ -112,7 +135,7 @@ class BatchNorm:
         return dx
 
     # ------------------------------------------------------------------ state
-    def state_dict(self):
+    def state_dict(self) -> dict[str, FloatArray]:
         """Copies of the layer's arrays: ``gamma``, ``beta`` (only when ``affine``),
         ``running_mean``, ``running_var``.
 
@@ -122,7 +145,7 @@ class BatchNorm:
         """
         return {k: getattr(self, k).copy() for k in self._state_names()}
 
-    def load_state_dict(self, state, strict=True):
+    def load_state_dict(self, state: Mapping[str, ArrayLike], strict: bool = True) -> None:
         """Copy ``state`` (a mapping such as ``state_dict()``'s or an ``np.load`` result) into the
         layer's existing arrays (their identity is kept; values are cast to the layer's dtype).
 
@@ -160,18 +183,18 @@ class BatchNorm:
                 np.copyto(target, v, casting="unsafe")
 
     # ------------------------------------------------------------------ helpers
-    def _state_names(self):
+    def _state_names(self) -> tuple[str, ...]:
         return (_PARAMS if self.affine else ()) + _BUFFERS
 
-    def _config_repr(self):
+    def _config_repr(self) -> str:
         """The constructor's arguments after ``num_features``, as ``repr`` shows them."""
         return (f"axis={self.axis!r}, eps={self.eps!r}, momentum={self.momentum!r}, "
                 f"affine={self.affine!r}, dtype={self.dtype.name}")
 
-    def _num_features_repr(self):
+    def _num_features_repr(self) -> str:
         nf = self.num_features
         return repr(nf[0] if len(nf) == 1 else nf)
 
-    def __repr__(self):
+    def __repr__(self) -> str:
         return f"BatchNorm({self._num_features_repr()}, {self._config_repr()})"
 

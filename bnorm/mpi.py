@@ -30,18 +30,24 @@ communicates nothing.  Bad input on one rank does not hang the others: the faili
 own error after the ``Allreduce`` and the others raise ``RuntimeError``; nothing is modified on
 any rank.
 """
+from __future__ import annotations
+
 import zlib
 
 try:
     from mpi4py import MPI
-except ImportError as exc:  # pragma: no cover - depends on the environment
+# (a private name: type checkers take the exception's name for a module attribute)
+except ImportError as _mpi4py_error:  # pragma: no cover - depends on the environment
     raise ImportError(
         "bnorm.mpi needs mpi4py and an MPI library: `pip install mpi4py mpich` (or "
-        "`pip install 'bnorm[mpi]'`), or mpi4py built against the system's MPI") from exc
+        "`pip install 'bnorm[mpi]'`), or mpi4py built against the system's MPI"
+    ) from _mpi4py_error
 
 import numpy as np
+from numpy.typing import ArrayLike, DTypeLike, NDArray
 
 from . import _checks
+from ._checks import Axis, FloatArray
 from .layer import _BUFFERS, BatchNorm
 from .phases import backward_apply, backward_sums, batch_stats, normalize
 
@@ -64,7 +70,7 @@ _FWD_HEADER = 5
 _BWD_HEADER = 2
 
 
-def _checksum(shift):
+def _checksum(shift: np.ndarray) -> int:
     """A 16-bit integer of ``shift``'s bytes (its sums over ranks are exact)."""
     return zlib.crc32(np.ascontiguousarray(shift, dtype=np.float64).tobytes()) & 0xFFFF
 
@@ -123,7 +129,9 @@ def _allreduce_moments(comm, count, mean, m2, shift, *, failed=False, float64=Tr
     return 0, n, gmean, np.maximum(gm2, 0.0)
 
 
-def allreduce_stats(comm, count, mean, m2, *, shift=None, precision=np.float64):
+def allreduce_stats(comm: MPI.Comm, count: int, mean: ArrayLike, m2: ArrayLike, *,
+                    shift: ArrayLike | None = None, precision: DTypeLike = np.float64
+                    ) -> tuple[int, NDArray[np.float64] | None, NDArray[np.float64] | None]:
     """Combine every rank's ``bnorm.batch_stats`` into the global ``(count, mean, m2)``.
 
     A collective: each rank of ``comm`` passes its local ``count`` (an int, 0 allowed) and its
@@ -171,8 +179,9 @@ class SyncBatchNorm(BatchNorm):
     the same gradients; ``broadcast_state`` copies one rank's to all).
     """
 
-    def __init__(self, comm, num_features, *, axis=-1, eps=1e-8, momentum=0.9, affine=True,
-                 dtype=np.float32):
+    def __init__(self, comm: MPI.Comm, num_features: int | tuple[int, ...], *,
+                 axis: Axis = -1, eps: float = 1e-8, momentum: float = 0.9,
+                 affine: bool = True, dtype: DTypeLike = np.float32) -> None:
         if not all(hasattr(comm, m) for m in ("Allreduce", "Get_size")):
             raise TypeError(f"comm must be an mpi4py communicator, got {type(comm).__name__}")
         super().__init__(num_features, axis=axis, eps=eps, momentum=momentum, affine=affine,
@@ -182,10 +191,12 @@ class SyncBatchNorm(BatchNorm):
         self._fwd_bufs = (np.empty(_FWD_HEADER + 2 * nf), np.empty(_FWD_HEADER + 2 * nf))
         self._bwd_bufs = (np.empty(_BWD_HEADER + 2 * nf), np.empty(_BWD_HEADER + 2 * nf))
         self._shift = np.zeros(self.num_features)   # the last training step's global mean
-        self._ctx = None    # (x, mean, rstd, gamma, training, count) of the last forward
+        # (x, mean, rstd, gamma, training, count) of the last forward
+        self._ctx: (tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray | None, bool, int | None]
+                    | None) = None
 
     # ------------------------------------------------------------------ forward / backward
-    def forward(self, x, training=True):
+    def forward(self, x: ArrayLike, training: bool = True) -> FloatArray:
         """Normalize this rank's ``x`` with the global batch's statistics; returns its ``y``.
 
         A collective when training (every rank calls it); see the class doc.
@@ -205,16 +216,18 @@ class SyncBatchNorm(BatchNorm):
             for name in _BUFFERS:
                 _checks.check_writable(f"layer.{name}", getattr(self, name))
             count, mean_r, m2_r = batch_stats(x, axis=self.axis)
+            x_is_float64 = x.dtype == np.float64
         except Exception as exc:   # take part in the Allreduce anyway, then raise it
             failed = exc
-            count, mean_r, m2_r = 0, np.zeros(F), np.zeros(F)
+            count, mean_r, m2_r, x_is_float64 = 0, np.zeros(F), np.zeros(F), False
         # float64 data or statistics get the tight cancellation bound (see _TAU64)
-        float64 = self.dtype == np.float64 or (failed is None and x.dtype == np.float64)
+        float64 = self.dtype == np.float64 or x_is_float64
         nfailed, n, mean, m2 = _allreduce_moments(
             self.comm, count, mean_r, m2_r, self._shift, failed=failed is not None,
             float64=float64, bufs=self._fwd_bufs)
         if failed is not None:
             raise failed
+        assert isinstance(x, np.ndarray)   # for mypy: the try, which did not fail, converted it
         if nfailed:
             raise RuntimeError(f"SyncBatchNorm.forward: {nfailed} other rank(s) failed (see "
                                f"their errors); nothing was modified")
@@ -234,7 +247,7 @@ class SyncBatchNorm(BatchNorm):
 
     __call__ = forward   # BatchNorm's __call__ is bound to BatchNorm.forward
 
-    def _forward_eval(self, x):
+    def _forward_eval(self, x: ArrayLike) -> FloatArray:
         if not isinstance(x, np.ndarray):
             x = np.asarray(x)
         _checks.check_features(x, self.axis, self.num_features)
@@ -246,7 +259,7 @@ class SyncBatchNorm(BatchNorm):
         self._ctx = (x, mean, rstd, gamma, False, None)
         return y
 
-    def backward(self, dy):
+    def backward(self, dy: ArrayLike) -> FloatArray:
         """This rank's ``dx`` for its ``dy``; sets ``dgamma``/``dbeta`` of the whole batch.
 
         A collective (one ``Allreduce``, in both modes); see the class doc.
@@ -290,7 +303,7 @@ class SyncBatchNorm(BatchNorm):
         if training:
             dx = backward_apply(dy, x, mean, rstd, sum_dy, sum_dy_xmu, n, gamma, axis=self.axis)
         else:   # constant statistics: dx = gamma * rstd * dy
-            dx = normalize(dy.astype(x.dtype, copy=False), np.zeros(F), rstd, gamma, None,
+            dx = normalize(np.asarray(dy, dtype=x.dtype), np.zeros(F), rstd, gamma, None,
                            axis=self.axis)
         if self.affine:
             self.dgamma = (rstd * sum_dy_xmu).astype(self.dtype)
@@ -300,7 +313,7 @@ class SyncBatchNorm(BatchNorm):
         return dx
 
     # ------------------------------------------------------------------ state
-    def broadcast_state(self, root=0):
+    def broadcast_state(self, root: int = 0) -> None:
         """Copy rank ``root``'s ``gamma``, ``beta`` and running statistics to every rank, in
         place (one ``Bcast``; a collective).  Use it after initializing or loading on one rank."""
         names = self._state_names()
@@ -317,6 +330,6 @@ class SyncBatchNorm(BatchNorm):
         self._shift = parts[-1].reshape(self.num_features).copy()
 
     # ------------------------------------------------------------------ helpers
-    def __repr__(self):
+    def __repr__(self) -> str:
         return (f"SyncBatchNorm(<comm of {self.comm.Get_size()} ranks>, "
                 f"{self._num_features_repr()}, {self._config_repr()})")

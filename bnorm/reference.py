@@ -14,7 +14,7 @@ import numpy as np
 try:
     from numpy.lib.array_utils import normalize_axis_tuple
 except ImportError:  # NumPy < 2.0
-    from numpy.core.numeric import normalize_axis_tuple
+    from numpy.core.numeric import normalize_axis_tuple  # type: ignore[no-redef]
 
 __all__ = ["MovingAverage", "PostBatchNorm", "forward", "backward"]
 
