@@ -301,6 +301,7 @@ class SyncBatchNorm(BatchNorm):
         sum_dy = recv[_BWD_HEADER:_BWD_HEADER + nf].reshape(F).copy()
         sum_dy_xmu = recv[_BWD_HEADER + nf:].reshape(F).copy()
         if training:
+            assert n is not None   # for mypy: a training forward saved its global count
             dx = backward_apply(dy, x, mean, rstd, sum_dy, sum_dy_xmu, n, gamma, axis=self.axis)
         else:   # constant statistics: dx = gamma * rstd * dy
             dx = normalize(np.asarray(dy, dtype=x.dtype), np.zeros(F), rstd, gamma, None,
