@@ -14,6 +14,7 @@ import textwrap
 
 import numpy as np
 import pytest
+from helpers import child_env
 
 import bnorm
 from bnorm import _bnorm
@@ -59,9 +60,9 @@ def run_under(target, *, wrapper=()):
         import pickle, sys
         sys.stdout.buffer.write(pickle.dumps((bnorm.cpu_target(), run())))
     """)
-    env = dict(os.environ, BNORM_CPU=target)
-    proc = subprocess.run([*wrapper, sys.executable, "-c", code], env=env, capture_output=True,
-                          timeout=300)
+    # from /, so that a source tree in the working directory does not shadow the bnorm under test
+    proc = subprocess.run([*wrapper, sys.executable, "-c", code], env=child_env(BNORM_CPU=target),
+                          cwd="/", capture_output=True, timeout=300)
     assert proc.returncode == 0, proc.stderr.decode()
     name, results = pickle.loads(proc.stdout)
     return name, proc.stderr.decode(), results
@@ -85,9 +86,9 @@ def test_names_and_default():
     assert TARGETS[0] == "baseline"
     assert len(set(TARGETS)) == len(TARGETS)
     # without BNORM_CPU the best target the CPU has is used: the subprocess agrees with us
-    env = {k: v for k, v in os.environ.items() if k != "BNORM_CPU"}
+    env = {k: v for k, v in child_env().items() if k != "BNORM_CPU"}
     out = subprocess.run([sys.executable, "-c", "import bnorm; print(bnorm.cpu_target())"],
-                         env=env, capture_output=True, text=True, check=True)
+                         env=env, cwd="/", capture_output=True, text=True, check=True)
     assert out.stdout.strip() == TARGETS[BEST]
     assert out.stderr == ""
 
