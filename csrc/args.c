@@ -311,6 +311,40 @@ static int is_supported_float(int type_num)
     return type_num == NPY_FLOAT || type_num == NPY_DOUBLE;
 }
 
+/* ml_dtypes' bfloat16 scalar type, found when the first array of a user-defined dtype comes: an
+ * array of bfloat16 means ml_dtypes is imported, and bnorm never imports it itself. */
+static PyObject *bfloat16_type;
+
+int is_bfloat16(PyArray_Descr *descr)
+{
+    if (descr->type_num < NPY_USERDEF)
+        return 0;
+    if (!bfloat16_type) {
+        PyObject *name = PyUnicode_FromString("ml_dtypes");
+        PyObject *ml_dtypes = name ? PyImport_GetModule(name) : NULL;
+        bfloat16_type = ml_dtypes ? PyObject_GetAttrString(ml_dtypes, "bfloat16") : NULL;
+        Py_XDECREF(ml_dtypes);
+        Py_XDECREF(name);
+        PyErr_Clear(); /* not imported, or without bfloat16: not bfloat16 */
+    }
+    return bfloat16_type && (PyObject *)descr->typeobj == bfloat16_type;
+}
+
+/* The kernels' dtype for an array's, or -1 when there are no kernels for it. */
+static int data_dtype(PyArray_Descr *descr)
+{
+    switch (descr->type_num) {
+    case NPY_FLOAT:
+        return BN_FLOAT32;
+    case NPY_DOUBLE:
+        return BN_FLOAT64;
+    case NPY_HALF:
+        return BN_FLOAT16;
+    default:
+        return is_bfloat16(descr) ? BN_BFLOAT16 : -1;
+    }
+}
+
 /* obj itself when it is an array: PyArray_FromAny's dtype and shape discovery costs a tenth of
  * a small call. */
 static PyArrayObject *as_array(PyObject *obj)
@@ -328,16 +362,17 @@ static PyArrayObject *as_data_array(PyObject *obj, const char *name)
     PyArrayObject *arr = as_array(obj);
     if (!arr)
         return NULL;
-    if (!is_supported_float(PyArray_TYPE(arr))) {
+    if (data_dtype(PyArray_DESCR(arr)) < 0) {
         PyErr_Format(PyExc_TypeError,
-                     "bnorm: %s has dtype %R; only float32 and float64 are supported", name,
+                     "bnorm: %s has dtype %R; only float16, bfloat16 (ml_dtypes), float32 and "
+                     "float64 are supported", name,
                      (PyObject *)PyArray_DESCR(arr));
         Py_DECREF(arr);
         return NULL;
     }
     if (!PyArray_ISNOTSWAPPED(arr)) {
         PyArrayObject *native = (PyArrayObject *)PyArray_FromArray(
-            arr, PyArray_DescrFromType(PyArray_TYPE(arr)), NPY_ARRAY_NOTSWAPPED);
+            arr, PyArray_DescrNewByteorder(PyArray_DESCR(arr), NPY_NATIVE), NPY_ARRAY_NOTSWAPPED);
         Py_DECREF(arr);
         return native;
     }
@@ -350,7 +385,8 @@ static PyArrayObject *as_param_array(PyObject *obj, const char *name)
     PyArrayObject *arr = as_array(obj);
     if (!arr)
         return NULL;
-    if (PyArray_ISBOOL(arr) || !(PyArray_ISFLOAT(arr) || PyArray_ISINTEGER(arr))) {
+    if (PyArray_ISBOOL(arr) ||
+        !(PyArray_ISFLOAT(arr) || PyArray_ISINTEGER(arr) || is_bfloat16(PyArray_DESCR(arr)))) {
         PyErr_Format(PyExc_TypeError, "bnorm: %s has dtype %R; expected real numbers", name,
                      (PyObject *)PyArray_DESCR(arr));
         Py_DECREF(arr);
@@ -385,21 +421,21 @@ void broadcast_map(const bn_layout *L, npy_intp src_ndim, const npy_intp *src_sh
     }
 }
 
-npy_intp param_dims(const bn_layout *L, PyArrayObject *arr, npy_intp *dims)
+npy_intp param_dims(const bn_layout *L, PyArrayObject *arr, const npy_intp **dims,
+                    npy_intp *keepdims_buffer)
 {
     const npy_intp nd = PyArray_NDIM(arr);
-    int keepdims = nd == L->ndim && nd > L->nkept;
-    for (npy_intp d = 0, i = 0; keepdims && d < nd; d++) {
-        const int kept = i < L->nkept && L->kept[i] == d;
-        if (kept)
-            dims[i++] = PyArray_DIM(arr, d);
+    *dims = PyArray_DIMS(arr);
+    if (nd != L->ndim || nd == L->nkept)
+        return nd;
+    for (npy_intp d = 0, i = 0; d < nd; d++) {
+        if (i < L->nkept && L->kept[i] == d)
+            keepdims_buffer[i++] = PyArray_DIM(arr, d);
         else if (PyArray_DIM(arr, d) != 1)
-            keepdims = 0;
+            return nd; /* not keepdims: its own shape (which does not fit) */
     }
-    if (keepdims)
-        return L->nkept;
-    memcpy(dims, PyArray_DIMS(arr), sizeof(npy_intp) * (size_t)nd);
-    return nd;
+    *dims = keepdims_buffer;
+    return L->nkept;
 }
 
 /* dims (of a parameter, as param_dims gives them) broadcast to F, by NumPy's rules. */
@@ -421,8 +457,10 @@ static int is_feature_shape(const bn_layout *L, npy_intp nd, const npy_intp *dim
 
 int has_feature_shape(const bn_layout *L, PyArrayObject *arr)
 {
-    npy_intp dims[BN_MAXDIMS];
-    return is_feature_shape(L, param_dims(L, arr, dims), dims);
+    npy_intp buffer[BN_MAXDIMS];
+    const npy_intp *dims;
+    const npy_intp nd = param_dims(L, arr, &dims, buffer);
+    return is_feature_shape(L, nd, dims);
 }
 
 int per_feature(PyObject *obj, const char *name, const bn_layout *L, int exact, double dflt,
@@ -436,8 +474,9 @@ int per_feature(PyObject *obj, const char *name, const bn_layout *L, int exact, 
     PyArrayObject *arr = as_param_array(obj, name);
     if (!arr)
         return -1;
-    npy_intp dims[BN_MAXDIMS];
-    const npy_intp nd = param_dims(L, arr, dims);
+    npy_intp buffer[BN_MAXDIMS];
+    const npy_intp *dims;
+    const npy_intp nd = param_dims(L, arr, &dims, buffer);
     const int shaped_f = is_feature_shape(L, nd, dims);
     if (exact ? !shaped_f : !broadcasts_to_features(L, nd, dims)) {
         shape_error(PyExc_ValueError, name, PyArray_NDIM(arr), PyArray_DIMS(arr),
@@ -491,8 +530,10 @@ static int gather_broadcast(const bn_layout *L, PyArrayObject *arr, double *dst)
             PyErr_NoMemory();
         return -1;
     }
-    npy_intp dims[BN_MAXDIMS];
-    broadcast_map(L, param_dims(L, arr, dims), dims, map);
+    npy_intp buffer[BN_MAXDIMS];
+    const npy_intp *dims;
+    const npy_intp nd = param_dims(L, arr, &dims, buffer);
+    broadcast_map(L, nd, dims, map);
     const double *src = (const double *)PyArray_DATA(dbl);
     for (npy_intp f = 0; f < L->nfeat; f++)
         dst[f] = src[map[f]];
@@ -510,7 +551,7 @@ int check_running(PyObject *obj, const char *name, const bn_layout *L)
         return -1;
     }
     PyArrayObject *arr = (PyArrayObject *)obj;
-    if (!PyArray_ISFLOAT(arr)) {
+    if (!PyArray_ISFLOAT(arr) && !is_bfloat16(PyArray_DESCR(arr))) {
         PyErr_Format(PyExc_TypeError, "bnorm: %s has dtype %R; expected a float array", name,
                      (PyObject *)PyArray_DESCR(arr));
         return -1;
@@ -632,7 +673,11 @@ int call_data(call *c, PyObject *x_obj, PyObject *dy_obj, PyObject *axis)
     if (!c->x || parse_layout(axis, c->x, &c->core.L) < 0)
         return -1;
     c->type_num = PyArray_TYPE(c->x);
-    c->core.K = bn_kernels(c->type_num == NPY_FLOAT ? BN_FLOAT32 : BN_FLOAT64);
+    const bn_dtype dtype = (bn_dtype)data_dtype(PyArray_DESCR(c->x));
+    c->core.K = bn_kernels(dtype);
+    /* half precision: statistics come back as float32, which keeps what the sums found */
+    c->half_precision = dtype == BN_FLOAT16 || dtype == BN_BFLOAT16;
+    c->stats_type_num = dtype == BN_FLOAT64 ? NPY_DOUBLE : NPY_FLOAT;
     c->core.x = operand(c->x);
     if (dy_obj) {
         c->dy = as_data_array(dy_obj, "dy");
@@ -647,14 +692,15 @@ int call_data(call *c, PyObject *x_obj, PyObject *dy_obj, PyObject *axis)
         if (PyArray_TYPE(c->dy) != c->type_num) {
             /* the one copy bnorm makes: dy of the other float dtype, cast to x's (forced:
              * float64 to float32 is not a "safe" cast) */
-            Py_SETREF(c->dy, (PyArrayObject *)PyArray_FromArray(
-                                 c->dy, PyArray_DescrFromType(c->type_num), NPY_ARRAY_FORCECAST));
+            PyArray_Descr *descr = PyArray_DESCR(c->x);
+            Py_INCREF(descr); /* PyArray_FromArray steals it */
+            Py_SETREF(c->dy, (PyArrayObject *)PyArray_FromArray(c->dy, descr, NPY_ARRAY_FORCECAST));
             if (!c->dy)
                 return -1;
         }
         c->core.dy = operand(c->dy);
     }
-    if (bn_scratch_alloc(&c->core.s, c->core.L.nfeat, c->core.K->itemsize) < 0) {
+    if (bn_scratch_alloc(&c->core.s, c->core.L.nfeat, c->core.K->coef_itemsize) < 0) {
         PyErr_NoMemory();
         return -1;
     }

@@ -83,6 +83,8 @@ typedef struct {
     PyArrayObject *out;      /* borrowed: the caller's out=, or NULL */
     PyArrayObject *result;   /* owned: what the elementwise pass writes (out, new, or temporary) */
     int type_num;            /* x's */
+    int half_precision;      /* x is float16 or bfloat16 */
+    int stats_type_num;      /* of mean and rstd: x's, float32 for half precision */
     bn_call core;
 } call;
 
@@ -108,10 +110,12 @@ int required_per_feature(PyObject *obj, const char *name, const bn_layout *L, in
 /* Running statistics are updated in place: a writable float ndarray of shape F (or keepdims). */
 int check_running(PyObject *obj, const char *name, const bn_layout *L);
 
-/* The shape a per-feature parameter is read in (its ndim, dims filled): its own, or for x's
- * keepdims shape (x.ndim axes, length 1 on every batch axis: (1, C, 1, 1) for NCHW) the lengths of
- * its feature axes alone.  The two have the same elements in the same C order. */
-npy_intp param_dims(const bn_layout *L, PyArrayObject *arr, npy_intp *dims);
+/* The shape a per-feature parameter is read in (returns its ndim, points dims at it): its own,
+ * or for x's keepdims shape (x.ndim axes, length 1 on every batch axis: (1, C, 1, 1) for NCHW)
+ * the lengths of its feature axes alone, written to keepdims_buffer (BN_MAXDIMS long).  The two
+ * have the same elements in the same C order. */
+npy_intp param_dims(const bn_layout *L, PyArrayObject *arr, const npy_intp **dims,
+                    npy_intp *keepdims_buffer);
 /* Whether param_dims of arr is F itself. */
 int has_feature_shape(const bn_layout *L, PyArrayObject *arr);
 
@@ -119,6 +123,9 @@ int has_feature_shape(const bn_layout *L, PyArrayObject *arr);
  * broadcasts onto it. */
 void broadcast_map(const bn_layout *L, npy_intp src_ndim, const npy_intp *src_shape,
                    npy_intp *map);
+
+/* Whether descr is ml_dtypes' bfloat16 (never imports ml_dtypes). */
+int is_bfloat16(PyArray_Descr *descr);
 
 /* At import: numpy's AxisError and the output buffers' memory handler. */
 int bn_args_init(void);

@@ -301,11 +301,13 @@ void bn_gather_first(npy_intp nkept, const npy_intp *fshape, const npy_intp *fst
     for (npy_intp d = 0; d < nkept; d++)
         nfeat *= fshape[d];
     for (npy_intp f = 0; f < nfeat; f++) {
-        /* float or double: constant sizes make each copy a move, not a call to memcpy */
-        if (itemsize == sizeof(float))
-            memcpy(dst + (size_t)f * sizeof(float), data, sizeof(float));
+        /* constant sizes make each copy a move, not a call to memcpy */
+        if (itemsize == 2)
+            memcpy(dst + (size_t)f * 2, data, 2);
+        else if (itemsize == 4)
+            memcpy(dst + (size_t)f * 4, data, 4);
         else
-            memcpy(dst + (size_t)f * sizeof(double), data, sizeof(double));
+            memcpy(dst + (size_t)f * 8, data, 8);
         for (npy_intp d = nkept - 1; d >= 0; d--) {
             data += fstrides[d];
             if (++index[d] < fshape[d])

@@ -40,7 +40,7 @@ void bn_plan_init(bn_plan *plan, npy_intp ndim, const npy_intp *shape, const npy
 int bn_run(const bn_plan *plan, bn_kernel kernel, const bn_coefs *coefs);
 
 /* Copy each feature's first batch element of x (shape/strides of the kept axes, in order) to
- * dst, packed: the shift that the statistics pass subtracts.  itemsize: a float's or a double's. */
+ * dst, packed: the shift that the statistics pass subtracts.  itemsize: 2, 4 or 8 bytes. */
 void bn_gather_first(npy_intp nkept, const npy_intp *fshape, const npy_intp *fstrides,
                      const char *data, size_t itemsize, char *dst);
 

@@ -3,6 +3,7 @@
  */
 #include "kernels.h"
 
+#include <math.h>
 #include <stdint.h>
 #include <string.h>
 #if defined(__SSE2__)
@@ -62,12 +63,82 @@ static BN_INLINE void stream_fence(void)
 #endif
 }
 
+/* ---- half precision: IEEE binary16 and bfloat16, as stored bits ----
+ * Conversions by integer arithmetic, so that every target (and the compiler's vectorizer) has
+ * them: float16 after F. Giesen's round-to-nearest-even conversions (the same results as NumPy's
+ * astype, which tests/test_half.py checks for every float16), bfloat16 as ml_dtypes rounds it. */
+
+static BN_INLINE uint32_t f32_bits(float f)
+{
+    uint32_t u;
+    memcpy(&u, &f, sizeof u);
+    return u;
+}
+
+static BN_INLINE float f32_from_bits(uint32_t u)
+{
+    float f;
+    memcpy(&f, &u, sizeof f);
+    return f;
+}
+
+static BN_INLINE float f16_to_f32(uint16_t h)
+{
+    const uint32_t exp_mask = (uint32_t)0x7c00 << 13; /* the exponent, in float's place */
+    uint32_t u = (uint32_t)(h & 0x7fff) << 13;
+    const uint32_t exp = u & exp_mask;
+    u += (uint32_t)(127 - 15) << 23; /* rebias */
+    float f;
+    if (exp == exp_mask) { /* inf, nan: all exponent bits set */
+        f = f32_from_bits(u + ((uint32_t)(128 - 16) << 23));
+    } else if (exp == 0) { /* zero, subnormal: renormalize by float arithmetic (exact) */
+        f = f32_from_bits(u + ((uint32_t)1 << 23)) - f32_from_bits((uint32_t)113 << 23);
+    } else {
+        f = f32_from_bits(u);
+    }
+    return f32_from_bits(f32_bits(f) | (uint32_t)(h & 0x8000) << 16);
+}
+
+static BN_INLINE uint16_t f32_to_f16(float value)
+{
+    const uint32_t f32_inf = (uint32_t)255 << 23, f16_overflow = (uint32_t)(127 + 16) << 23;
+    /* adding this float aligns a subnormal half's 10 bits at the bottom, rounded to nearest even */
+    const uint32_t denorm_magic = (uint32_t)((127 - 15) + (23 - 10) + 1) << 23;
+    uint32_t u = f32_bits(value);
+    const uint32_t sign = u & 0x80000000u;
+    u ^= sign;
+    uint16_t h;
+    if (u >= f16_overflow) { /* inf, or nan (made quiet) */
+        h = u > f32_inf ? 0x7e00 : 0x7c00;
+    } else if (u < (uint32_t)113 << 23) { /* subnormal or zero */
+        h = (uint16_t)(f32_bits(f32_from_bits(u) + f32_from_bits(denorm_magic)) - denorm_magic);
+    } else {
+        const uint32_t mantissa_odd = (u >> 13) & 1;
+        u += ((uint32_t)(15 - 127) << 23) + 0xfff + mantissa_odd; /* rebias, round to even */
+        h = (uint16_t)(u >> 13);
+    }
+    return (uint16_t)(h | sign >> 16);
+}
+
+static BN_INLINE float bf16_to_f32(uint16_t h)
+{
+    return f32_from_bits((uint32_t)h << 16);
+}
+
+static BN_INLINE uint16_t f32_to_bf16(float value)
+{
+    const uint32_t u = f32_bits(value);
+    if ((u & 0x7fffffffu) > 0x7f800000u) /* nan: keep it a (quiet) nan */
+        return (uint16_t)(u >> 16 | 0x40);
+    return (uint16_t)((u + 0x7fff + (u >> 16 & 1)) >> 16); /* round to nearest even */
+}
+
 /* One build runs on any x86-64: the kernels are compiled for AVX-512, AVX2+FMA and the baseline
  * (SSE2), and bn_use_target picks one at import (the best the CPU has, or BNORM_CPU's cap).
  * kernels_target.h instantiates kernels_impl.h for every dtype, named n_<dtype>_<BN_SUFFIX>. */
 #define BN_CAT_(a, b, c) a##_##b##_##c
 #define BN_CAT(a, b, c) BN_CAT_(a, b, c)
-#define BN_NAME(n) BN_CAT(n, BN_T, BN_SUFFIX)
+#define BN_NAME(n) BN_CAT(n, BN_TNAME, BN_SUFFIX)
 
 #define BN_SUFFIX baseline
 #define BN_TARGET_ATTR
@@ -91,10 +162,22 @@ static BN_INLINE void stream_fence(void)
 
 /* [target][dtype], in bn_target's order */
 static const bn_dtype_kernels *const kernel_table[BN_NTARGETS][BN_NDTYPES] = {
-    {&bn_kernels_float_baseline, &bn_kernels_double_baseline},
+    {&bn_kernels_float_baseline, &bn_kernels_double_baseline, &bn_kernels_float16_baseline,
+     &bn_kernels_bfloat16_baseline},
 #ifdef BN_X86_TARGETS
-    {&bn_kernels_float_v3, &bn_kernels_double_v3},
-    {&bn_kernels_float_v4, &bn_kernels_double_v4},
+    {&bn_kernels_float_v3, &bn_kernels_double_v3, &bn_kernels_float16_v3,
+     &bn_kernels_bfloat16_v3},
+    {&bn_kernels_float_v4, &bn_kernels_double_v4, &bn_kernels_float16_v4,
+     &bn_kernels_bfloat16_v4},
+#endif
+};
+
+typedef void (*bn_rstd_fn)(const double *var, double eps, double *rstd, npy_intp n);
+static const bn_rstd_fn rstd_table[BN_NTARGETS] = {
+    rstd_all_baseline,
+#ifdef BN_X86_TARGETS
+    rstd_all_v3,
+    rstd_all_v4,
 #endif
 };
 
@@ -144,4 +227,9 @@ bn_target bn_current_target(void)
 const bn_dtype_kernels *bn_kernels(bn_dtype dtype)
 {
     return kernel_table[current_target][dtype];
+}
+
+void bn_rstd(const double *var, double eps, double *rstd, npy_intp n)
+{
+    rstd_table[current_target](var, eps, rstd, n);
 }

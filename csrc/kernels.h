@@ -30,9 +30,10 @@ typedef struct {
     npy_intp pass_size; /* elements in the whole pass (whether they stay in cache) */
 } bn_block;
 
-/* Per-feature vectors a pass reads (in the data's dtype) or fills (acc, float64, BN_NACC * nfeat).
+/* Per-feature vectors a pass reads (in the data's compute type: the dtype itself, float32 for
+ * half precision) or fills (acc, float64, BN_NACC * nfeat).
  * The elementwise passes compute  out = (x - shift) * scale + offset [+ dy * dyscale]: shift is
- * the mean rounded to the data's dtype, so that x - shift is exact for data near the mean, also
+ * the mean rounded to the compute type, so that x - shift is exact for data near the mean, also
  * far from zero; the mean's low bits, which the dtype cannot hold, are folded into offset. */
 typedef struct {
     const void *shift, *scale, *offset, *dyscale;
@@ -43,16 +44,19 @@ typedef struct {
 typedef void (*bn_kernel)(const bn_block *block, const bn_coefs *coefs);
 
 /* The passes, per dtype.  Operands (plan order): stats: x.  bwd_sums: x, dy.  normalize: x, out.
- * bwd_apply: x, dy, out. */
+ * bwd_apply: x, dy, out.  Sums are float64; the elementwise passes compute in coef_itemsize's
+ * type (float32 for the half-precision dtypes, which are stored in 2 bytes and widened on load). */
 typedef struct {
     bn_kernel stats;     /* SUM0 += x - shift, SUM1 += (x - shift)^2 */
     bn_kernel bwd_sums;  /* SUM0 += dy, SUM1 += dy * (x - shift), SUM2 += x - shift */
     bn_kernel normalize; /* out = (x - shift) * scale + offset */
     bn_kernel bwd_apply; /* out = (x - shift) * scale + offset + dy * dyscale */
-    size_t itemsize;
+    void (*widen)(const char *src, double *dst, npy_intp n); /* n packed elements to float64 */
+    size_t itemsize;      /* of an element as stored */
+    size_t coef_itemsize; /* of bn_coefs' vectors: 4 (float) or 8 (double) */
 } bn_dtype_kernels;
 
-typedef enum { BN_FLOAT32, BN_FLOAT64, BN_NDTYPES } bn_dtype;
+typedef enum { BN_FLOAT32, BN_FLOAT64, BN_FLOAT16, BN_BFLOAT16, BN_NDTYPES } bn_dtype;
 
 /* The CPU targets the kernels are compiled for, from the most widely runnable to the fastest.
  * Outside x86-64 (and with compilers other than GCC) only the baseline is built. */
@@ -78,5 +82,8 @@ bn_target bn_current_target(void);
 
 /* The kernels of the current target for a dtype. */
 const bn_dtype_kernels *bn_kernels(bn_dtype dtype);
+
+/* rstd[i] = 1 / sqrt(var[i] + eps), i < n, on the current target (the same bits on all). */
+void bn_rstd(const double *var, double eps, double *rstd, npy_intp n);
 
 #endif

@@ -1,6 +1,9 @@
 /* The batch-norm passes for one dtype and CPU target.  kernels.c includes this file (through
  * kernels_target.h) once per pair with
- *   BN_T            the element type (float or double)
+ *   BN_T            the element type as stored (float, double, or uint16_t for half precision)
+ *   BN_C            the type the elementwise arithmetic and the coefficients use (BN_T, or
+ *                   float for half precision)
+ *   BN_WIDEN(v)     a BN_T as a BN_C, and BN_NARROW(v) back, rounded to nearest even
  *   BN_NAME(n)      n suffixed with the dtype's and the target's names
  *   BN_TARGET_ATTR  the target's function attribute (empty for the baseline)
  * defined.  Every loop is written once; bn_reduce and bn_apply call their body with the layout's
@@ -9,16 +12,17 @@
  * buffers are legal input, and GCC turns these into plain (vector) moves.
  */
 
-static BN_INLINE BN_T BN_NAME(load)(const char *p)
+static BN_INLINE BN_C BN_NAME(load)(const char *p)
 {
     BN_T v;
     memcpy(&v, p, sizeof v);
-    return v;
+    return BN_WIDEN(v);
 }
 
-static BN_INLINE void BN_NAME(store)(char *p, BN_T v)
+static BN_INLINE void BN_NAME(store)(char *p, BN_C v)
 {
-    memcpy(p, &v, sizeof v);
+    const BN_T t = BN_NARROW(v);
+    memcpy(p, &t, sizeof t);
 }
 
 /* Whether a pass walks a block's batch rows (rows of n1 elements sharing their features) one
@@ -41,7 +45,7 @@ static BN_INLINE int BN_NAME(rows_one_by_one)(const bn_block *b, npy_intp short_
  * registers before touching the per-feature sums, each of which costs a load and a store. */
 static BN_INLINE void BN_NAME(reduce_rows)(
     npy_intp rows, npy_intp n1, const char *x, npy_intp xs0, npy_intp xs1, const char *dy,
-    npy_intp ds0, npy_intp ds1, npy_intp f, npy_intp fs1, const BN_T *restrict shift,
+    npy_intp ds0, npy_intp ds1, npy_intp f, npy_intp fs1, const BN_C *restrict shift,
     double *restrict sum0, double *restrict sum1, double *restrict sum2, const int has_dy)
 {
     for (npy_intp j = 0; j < n1; j++) {
@@ -75,7 +79,7 @@ static BN_INLINE void BN_NAME(reduce_rows)(
 static BN_INLINE void BN_NAME(reduce_body)(
     npy_intp n0, npy_intp n1, const char *x, npy_intp xs0, npy_intp xs1, const char *dy,
     npy_intp ds0, npy_intp ds1, npy_intp f0, npy_intp fs0, npy_intp fs1,
-    const BN_T *restrict shift, double *restrict sum0, double *restrict sum1,
+    const BN_C *restrict shift, double *restrict sum0, double *restrict sum1,
     double *restrict sum2, const int grouped, const int has_dy)
 {
     if (fs1 != 0) {
@@ -131,7 +135,7 @@ static BN_INLINE void BN_NAME(reduce_body)(
 
 static BN_INLINE void BN_NAME(reduce)(const bn_block *b, const bn_coefs *c, const int has_dy)
 {
-    const BN_T *shift = (const BN_T *)c->shift;
+    const BN_C *shift = (const BN_C *)c->shift;
     double *sum0 = c->acc, *sum1 = sum0 + c->nfeat, *sum2 = sum1 + c->nfeat;
     /* without dy, dy aliases x so that every pointer stays valid */
     const npy_intp op_dy = has_dy ? 1 : 0;
@@ -160,10 +164,10 @@ static BN_INLINE void BN_NAME(reduce)(const bn_block *b, const bn_coefs *c, cons
 static BN_INLINE void BN_NAME(apply_tile)(
     npy_intp rows, npy_intp m, const char *x, npy_intp xs0, npy_intp xs1, const char *dy,
     npy_intp ds0, npy_intp ds1, char *out, npy_intp os0, npy_intp os1, npy_intp f, npy_intp fs1,
-    const BN_T *restrict shift, const BN_T *restrict scale, const BN_T *restrict offset,
-    const BN_T *restrict dyscale, const int has_dy, const int stream)
+    const BN_C *restrict shift, const BN_C *restrict scale, const BN_C *restrict offset,
+    const BN_C *restrict dyscale, const int has_dy, const int stream)
 {
-    BN_T k[BN_LANES], s[BN_LANES], o[BN_LANES], d[BN_LANES];
+    BN_C k[BN_LANES], s[BN_LANES], o[BN_LANES], d[BN_LANES];
     for (npy_intp l = 0; l < m; l++) {
         const npy_intp g = f + l * fs1;
         k[l] = shift[g];
@@ -172,7 +176,7 @@ static BN_INLINE void BN_NAME(apply_tile)(
         d[l] = has_dy ? dyscale[g] : 0;
     }
     for (npy_intp r = 0; r < rows; r++) {
-        BN_T v[BN_LANES], w[BN_LANES];
+        BN_C v[BN_LANES], w[BN_LANES];
         for (npy_intp l = 0; l < m; l++)
             v[l] = BN_NAME(load)(x + r * xs0 + l * xs1);
         if (has_dy)
@@ -184,11 +188,15 @@ static BN_INLINE void BN_NAME(apply_tile)(
                 v[l] += w[l] * d[l];
         }
         char *orow = out + r * os0;
-        if (stream)
-            stream_store(orow, v, (size_t)m * sizeof(BN_T));
-        else
+        if (stream) {
+            BN_T t[BN_LANES];
+            for (npy_intp l = 0; l < m; l++)
+                t[l] = BN_NARROW(v[l]);
+            stream_store(orow, t, (size_t)m * sizeof(BN_T));
+        } else {
             for (npy_intp l = 0; l < m; l++)
                 BN_NAME(store)(orow + l * os1, v[l]);
+        }
     }
 }
 
@@ -198,9 +206,9 @@ static BN_INLINE void BN_NAME(apply_body)(
     npy_intp fs1, const bn_coefs *c, const npy_intp group, const int has_dy, const int stream)
 {
     /* in locals: a store through out (a char *) would otherwise make GCC reload them */
-    const BN_T *shift = (const BN_T *)c->shift, *scale = (const BN_T *)c->scale;
-    const BN_T *offset = (const BN_T *)c->offset;
-    const BN_T *dyscale = (const BN_T *)c->dyscale;
+    const BN_C *shift = (const BN_C *)c->shift, *scale = (const BN_C *)c->scale;
+    const BN_C *offset = (const BN_C *)c->offset;
+    const BN_C *dyscale = (const BN_C *)c->dyscale;
     /* the rows of a group share their coefficients: a group of them per tile */
     for (npy_intp i = 0; i < n0; i += group) {
         const npy_intp rows = n0 - i < group ? n0 - i : group;
@@ -271,6 +279,13 @@ static BN_INLINE void BN_NAME(apply)(const bn_block *b, const bn_coefs *c, const
         stream_fence();
 }
 
+/* n packed elements as float64 (exactly: every BN_T is a double). */
+static void BN_NAME(widen)(const char *src, double *dst, npy_intp n)
+{
+    for (npy_intp i = 0; i < n; i++)
+        dst[i] = (double)BN_NAME(load)(src + i * (npy_intp)sizeof(BN_T));
+}
+
 /* The entry points, compiled for the target: the helpers above are inlined into them and so
  * compiled for it too. */
 static BN_TARGET_ATTR void BN_NAME(stats)(const bn_block *b, const bn_coefs *c)
@@ -294,5 +309,6 @@ static BN_TARGET_ATTR void BN_NAME(bwd_apply)(const bn_block *b, const bn_coefs 
 }
 
 const bn_dtype_kernels BN_NAME(bn_kernels) = {
-    BN_NAME(stats), BN_NAME(bwd_sums), BN_NAME(normalize), BN_NAME(bwd_apply), sizeof(BN_T),
+    BN_NAME(stats), BN_NAME(bwd_sums), BN_NAME(normalize), BN_NAME(bwd_apply), BN_NAME(widen),
+    sizeof(BN_T),   sizeof(BN_C),
 };

@@ -25,24 +25,44 @@
 
 /* ---- result objects ---- */
 
-/* A new array of shape dims holding values (one per element, in C order), in type_num (float32
- * or float64). */
-static PyArrayObject *values_array(npy_intp nd, const npy_intp *dims, int type_num,
+/* A new array of shape dims holding values (one per element, in C order): filled_array for
+ * float32 or float64 (type_num), written directly; values_array in descr's dtype, float32 and
+ * float64 the same way (the usual case, without NumPy's casting machinery, a third of a small
+ * call's time), others (float16, bfloat16, long double, swapped) cast. */
+static PyArrayObject *filled_array(npy_intp nd, const npy_intp *dims, int type_num,
                                    const double *values)
 {
     PyArrayObject *a = (PyArrayObject *)PyArray_SimpleNew(nd, (npy_intp *)dims, type_num);
     if (a) {
         char *data = PyArray_BYTES(a);
         const size_t itemsize = (size_t)PyArray_ITEMSIZE(a);
-        for (npy_intp i = 0; i < PyArray_SIZE(a); i++)
+        const npy_intp n = PyArray_SIZE(a);
+        for (npy_intp i = 0; i < n; i++)
             bn_store_as(data, i, values[i], itemsize);
     }
     return a;
 }
 
+static PyArrayObject *values_array(npy_intp nd, const npy_intp *dims, PyArray_Descr *descr,
+                                   const double *values)
+{
+    const int type_num = descr->type_num;
+    if ((type_num == NPY_FLOAT || type_num == NPY_DOUBLE) && PyArray_ISNBO(descr->byteorder))
+        return filled_array(nd, dims, type_num, values);
+    PyArrayObject *tmp = (PyArrayObject *)PyArray_SimpleNewFromData(nd, (npy_intp *)dims,
+                                                                    NPY_DOUBLE, (void *)values);
+    if (!tmp)
+        return NULL;
+    Py_INCREF(descr); /* PyArray_CastToType steals it */
+    PyArrayObject *cast = (PyArrayObject *)PyArray_CastToType(tmp, descr, 0);
+    Py_DECREF(tmp);
+    return cast;
+}
+
+/* values in a new float32 or float64 (type_num) array of shape F */
 static PyArrayObject *feature_array(const bn_layout *L, int type_num, const double *values)
 {
-    return values_array(L->nkept, L->fshape, type_num, values);
+    return filled_array(L->nkept, L->fshape, type_num, values);
 }
 
 /* momentum * r + (1 - momentum) * batch_scale * batch, computed in float64 and cast to r's own
@@ -56,19 +76,7 @@ static PyArrayObject *new_running(PyObject *obj, const double *batch, double bat
         return NULL;
     bn_running_update(work, batch, batch_scale, momentum, L->nfeat);
     PyArrayObject *r = (PyArrayObject *)obj;
-    PyArray_Descr *descr = PyArray_DESCR(r);
-    const int type_num = descr->type_num;
-    if ((type_num == NPY_FLOAT || type_num == NPY_DOUBLE) && PyArray_ISNBO(descr->byteorder))
-        /* the usual case, without NumPy's casting machinery (a third of a small call's time) */
-        return values_array(PyArray_NDIM(r), PyArray_DIMS(r), type_num, work);
-    PyArrayObject *tmp = (PyArrayObject *)PyArray_SimpleNewFromData(
-        PyArray_NDIM(r), PyArray_DIMS(r), NPY_DOUBLE, work);
-    if (!tmp)
-        return NULL;
-    Py_INCREF(descr); /* PyArray_CastToType steals it */
-    PyArrayObject *cast = (PyArrayObject *)PyArray_CastToType(tmp, descr, 0);
-    Py_DECREF(tmp);
-    return cast;
+    return values_array(PyArray_NDIM(r), PyArray_DIMS(r), PyArray_DESCR(r), work);
 }
 
 /* Write new_running's result into r (same dtype and shape: cannot fail but for memory). */
@@ -86,11 +94,12 @@ static int store_running(PyObject *r, PyArrayObject *values)
  * keepdims gamma broadcasts over nothing: the values, in its shape).  The
  * sums get a buffer of their own: gamma can have more elements than there are features (a
  * length-1 axis of gamma broadcast to a length-0 feature axis), so no per-feature scratch fits. */
-static PyArrayObject *sum_to_param(const call *c, PyArrayObject *param, const double *values)
+static PyArrayObject *sum_to_param(const call *c, PyArrayObject *param, PyArray_Descr *descr,
+                                   const double *values)
 {
-    if (!param)
-        return feature_array(&c->core.L, c->type_num, values);
     const bn_layout *L = &c->core.L;
+    if (!param)
+        return values_array(L->nkept, L->fshape, descr, values);
     const npy_intp n = PyArray_SIZE(param);
     npy_intp *map = PyMem_Malloc(sizeof(npy_intp) * (size_t)(L->nfeat ? L->nfeat : 1));
     double *work = PyMem_Calloc((size_t)(n ? n : 1), sizeof(double));
@@ -99,15 +108,33 @@ static PyArrayObject *sum_to_param(const call *c, PyArrayObject *param, const do
         PyMem_Free(work);
         return (PyArrayObject *)PyErr_NoMemory();
     }
-    npy_intp dims[BN_MAXDIMS];
-    broadcast_map(L, param_dims(L, param, dims), dims, map);
+    npy_intp buffer[BN_MAXDIMS];
+    const npy_intp *dims;
+    const npy_intp nd = param_dims(L, param, &dims, buffer);
+    broadcast_map(L, nd, dims, map);
     for (npy_intp f = 0; f < L->nfeat; f++)
         work[map[f]] += values[f];
-    PyArrayObject *a =
-        values_array(PyArray_NDIM(param), PyArray_DIMS(param), c->type_num, work);
+    PyArrayObject *a = values_array(PyArray_NDIM(param), PyArray_DIMS(param), descr, work);
     PyMem_Free(map);
     PyMem_Free(work);
     return a;
+}
+
+/* dgamma's and dbeta's dtype (a new reference): x's; for half-precision x, gamma's when it is a
+ * float array (mixed precision keeps float32 parameters, and their gradients with them, as
+ * PyTorch does), else float32. */
+static PyArray_Descr *param_grad_descr(const call *c, PyObject *gamma)
+{
+    if (!c->half_precision)
+        return PyArray_DescrFromType(c->type_num);
+    if (PyArray_Check(gamma)) {
+        PyArray_Descr *descr = PyArray_DESCR((PyArrayObject *)gamma);
+        if (PyDataType_ISFLOAT(descr) || is_bfloat16(descr)) {
+            Py_INCREF(descr);
+            return descr;
+        }
+    }
+    return PyArray_DescrFromType(NPY_FLOAT);
 }
 
 /* ---- forward, backward ---- */
@@ -223,8 +250,8 @@ static PyObject *bn_forward(PyObject *self, PyObject *const *args, Py_ssize_t na
     RUN_WITHOUT_GIL(failed, bn_step_rstd(core, a.eps) < 0 || bn_step_normalize(core) < 0);
     if (failed)
         goto done;
-    mean = feature_array(&c.core.L, c.type_num, s->mean);
-    rstd = feature_array(&c.core.L, c.type_num, s->rstd);
+    mean = feature_array(&c.core.L, c.stats_type_num, s->mean);
+    rstd = feature_array(&c.core.L, c.stats_type_num, s->rstd);
     PyObject *y = mean && rstd ? call_finish(&c) : NULL;
     if (!y ||
         (new_rmean && store_running(a.running_mean, new_rmean) < 0) ||
@@ -299,11 +326,16 @@ static PyObject *bn_backward(PyObject *self, PyObject *const *args, Py_ssize_t n
     if (failed)
         goto done;
     /* dgamma = rstd * sum(dy * (x - mean)), dbeta = sum(dy) */
-    dgamma = sum_to_param(&c, gamma, bn_step_dgamma(core));
+    PyArray_Descr *grad = param_grad_descr(&c, a.gamma);
+    if (!grad)
+        goto done;
+    dgamma = sum_to_param(&c, gamma, grad, bn_step_dgamma(core));
     /* dbeta has shape F, or gamma's when gamma is F in keepdims shape (1, C, 1, 1) */
-    dbeta = gamma && PyArray_NDIM(gamma) != core->L.nkept && has_feature_shape(&core->L, gamma)
-                ? values_array(PyArray_NDIM(gamma), PyArray_DIMS(gamma), c.type_num, s->acc)
-                : feature_array(&core->L, c.type_num, s->acc);
+    const int keepdims = gamma && PyArray_NDIM(gamma) != core->L.nkept &&
+                         has_feature_shape(&core->L, gamma);
+    dbeta = values_array(keepdims ? PyArray_NDIM(gamma) : core->L.nkept,
+                         keepdims ? PyArray_DIMS(gamma) : core->L.fshape, grad, s->acc);
+    Py_DECREF(grad);
     PyObject *dx = dgamma && dbeta ? call_finish(&c) : NULL;
     if (dx)
         result = PyTuple_Pack(3, dx, (PyObject *)dgamma, (PyObject *)dbeta);

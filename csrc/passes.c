@@ -44,12 +44,12 @@ static int run_pass(const bn_call *c, bn_kernel kernel, const bn_coefs *coefs, n
     return bn_run(&plan, kernel, coefs);
 }
 
-/* Split each mean into shift (the data's dtype) + resid, the mean's low bits that a float32 mean
+/* Split each mean into shift (the coefficient type) + resid, the mean's low bits that a float32 mean
  * would lose: (x - shift) is exact near the mean, and resid goes into the per-feature offset. */
 static void split_mean(bn_call *c)
 {
     bn_scratch *s = &c->s;
-    const size_t isz = c->K->itemsize;
+    const size_t isz = c->K->coef_itemsize;
     for (npy_intp f = 0; f < c->L.nfeat; f++) {
         bn_store_as(s->shift, f, s->mean[f], isz);
         s->resid[f] = s->mean[f] - bn_load_as(s->shift, f, isz);
@@ -62,11 +62,20 @@ int bn_step_stats(bn_call *c)
 {
     bn_scratch *s = &c->s;
     const bn_layout *L = &c->L;
-    const size_t isz = c->K->itemsize;
+    const size_t isz = c->K->coef_itemsize;
     npy_intp kept_strides[BN_MAXDIMS];
     for (npy_intp i = 0; i < L->nkept; i++)
         kept_strides[i] = c->x.strides[L->kept[i]];
-    bn_gather_first(L->nkept, L->fshape, kept_strides, c->x.data, isz, s->shift);
+    /* each feature's first element as a coefficient: half precision packed in dyscale (free
+     * here) first, then widened */
+    const int widen = c->K->itemsize != isz;
+    bn_gather_first(L->nkept, L->fshape, kept_strides, c->x.data, c->K->itemsize,
+                    widen ? s->dyscale : s->shift);
+    if (widen) {
+        c->K->widen(s->dyscale, s->mean, L->nfeat);
+        for (npy_intp f = 0; f < L->nfeat; f++)
+            bn_store_as(s->shift, f, s->mean[f], isz);
+    }
     const bn_coefs sums = {.shift = s->shift, .acc = s->acc, .nfeat = L->nfeat};
     const bn_operand *ops[1] = {&c->x};
     if (run_pass(c, c->K->stats, &sums, 1, ops) < 0)
@@ -89,8 +98,7 @@ void bn_step_m2(bn_call *c)
 
 int bn_step_rstd(bn_call *c, double eps)
 {
-    for (npy_intp f = 0; f < c->L.nfeat; f++)
-        c->s.rstd[f] = 1.0 / sqrt(c->s.var[f] + eps);
+    bn_rstd(c->s.var, eps, c->s.rstd, c->L.nfeat);
     return 0;
 }
 
@@ -99,7 +107,7 @@ int bn_step_rstd(bn_call *c, double eps)
 int bn_step_normalize(bn_call *c)
 {
     bn_scratch *s = &c->s;
-    const size_t isz = c->K->itemsize;
+    const size_t isz = c->K->coef_itemsize;
     split_mean(c);
     for (npy_intp f = 0; f < c->L.nfeat; f++) {
         bn_store_as(s->scale, f, s->rstd[f] * s->gamma[f], isz);
@@ -138,7 +146,7 @@ int bn_step_bwd_apply(bn_call *c, double count, int training)
 {
     bn_scratch *s = &c->s;
     const npy_intp nf = c->L.nfeat;
-    const size_t isz = c->K->itemsize;
+    const size_t isz = c->K->coef_itemsize;
     const double *sum_dy = s->acc, *sum_dy_xmu = s->acc + nf;
     for (npy_intp f = 0; f < nf; f++) {
         const double r = s->rstd[f], a = s->gamma[f] * r;

@@ -31,9 +31,9 @@ typedef struct {
 /* Everything a call computes per feature, float64 unless noted, in one allocation. */
 typedef struct {
     double *gamma, *beta, *mean, *var, *rstd;
-    double *resid; /* mean minus shift: the low part the data's dtype cannot hold */
+    double *resid; /* mean minus shift: the low part the coefficient type cannot hold */
     double *acc;   /* BN_NACC * nfeat reduction sums */
-    char *shift, *scale, *offset, *dyscale; /* in the data's dtype */
+    char *shift, *scale, *offset, *dyscale; /* in the kernels' coefficient type */
     void *block;
 } bn_scratch;
 
@@ -46,7 +46,7 @@ typedef struct {
     bn_scratch s;
 } bn_call;
 
-/* Element f of an aligned per-feature vector in the data's dtype (itemsize 4: float, 8: double).
+/* Element f of an aligned per-feature vector of floats (itemsize 4) or doubles (itemsize 8).
  * Typed accesses, not memcpy: a float or double store cannot change the pointers in bn_call, so
  * the per-feature loops keep them in registers (with memcpy, (32,64) calls took 0.3 us longer). */
 static inline void bn_store_as(char *dst, npy_intp f, double v, size_t itemsize)
