@@ -82,21 +82,20 @@ static BN_INLINE float f32_from_bits(uint32_t u)
     return f;
 }
 
+/* Branch-free: every case is computed and one selected, so that the loops around vectorize. */
 static BN_INLINE float f16_to_f32(uint16_t h)
 {
     const uint32_t exp_mask = (uint32_t)0x7c00 << 13; /* the exponent, in float's place */
-    uint32_t u = (uint32_t)(h & 0x7fff) << 13;
-    const uint32_t exp = u & exp_mask;
-    u += (uint32_t)(127 - 15) << 23; /* rebias */
-    float f;
-    if (exp == exp_mask) { /* inf, nan: all exponent bits set */
-        f = f32_from_bits(u + ((uint32_t)(128 - 16) << 23));
-    } else if (exp == 0) { /* zero, subnormal: renormalize by float arithmetic (exact) */
-        f = f32_from_bits(u + ((uint32_t)1 << 23)) - f32_from_bits((uint32_t)113 << 23);
-    } else {
-        f = f32_from_bits(u);
-    }
-    return f32_from_bits(f32_bits(f) | (uint32_t)(h & 0x8000) << 16);
+    const uint32_t u = (uint32_t)(h & 0x7fff) << 13, exp = u & exp_mask;
+    const uint32_t rebiased = u + ((uint32_t)(127 - 15) << 23);
+    const uint32_t inf_nan = rebiased + ((uint32_t)(128 - 16) << 23); /* all exponent bits set */
+    /* zero and subnormals: renormalized by float arithmetic (exact) */
+    const float subnormal =
+        f32_from_bits(rebiased + ((uint32_t)1 << 23)) - f32_from_bits((uint32_t)113 << 23);
+    const uint32_t magnitude = exp == exp_mask ? inf_nan
+                               : exp == 0      ? f32_bits(subnormal)
+                                               : rebiased;
+    return f32_from_bits(magnitude | (uint32_t)(h & 0x8000) << 16);
 }
 
 static BN_INLINE uint16_t f32_to_f16(float value)
@@ -104,19 +103,14 @@ static BN_INLINE uint16_t f32_to_f16(float value)
     const uint32_t f32_inf = (uint32_t)255 << 23, f16_overflow = (uint32_t)(127 + 16) << 23;
     /* adding this float aligns a subnormal half's 10 bits at the bottom, rounded to nearest even */
     const uint32_t denorm_magic = (uint32_t)((127 - 15) + (23 - 10) + 1) << 23;
-    uint32_t u = f32_bits(value);
-    const uint32_t sign = u & 0x80000000u;
-    u ^= sign;
-    uint16_t h;
-    if (u >= f16_overflow) { /* inf, or nan (made quiet) */
-        h = u > f32_inf ? 0x7e00 : 0x7c00;
-    } else if (u < (uint32_t)113 << 23) { /* subnormal or zero */
-        h = (uint16_t)(f32_bits(f32_from_bits(u) + f32_from_bits(denorm_magic)) - denorm_magic);
-    } else {
-        const uint32_t mantissa_odd = (u >> 13) & 1;
-        u += ((uint32_t)(15 - 127) << 23) + 0xfff + mantissa_odd; /* rebias, round to even */
-        h = (uint16_t)(u >> 13);
-    }
+    const uint32_t all = f32_bits(value), sign = all & 0x80000000u, u = all ^ sign;
+    const uint32_t inf_nan = u > f32_inf ? 0x7e00 : 0x7c00; /* nan made quiet */
+    const uint32_t subnormal = f32_bits(f32_from_bits(u) + f32_from_bits(denorm_magic)) - denorm_magic;
+    /* rebias, round to nearest even */
+    const uint32_t normal = (u + ((uint32_t)(15 - 127) << 23) + 0xfff + ((u >> 13) & 1)) >> 13;
+    const uint32_t h = u >= f16_overflow          ? inf_nan
+                       : u < (uint32_t)113 << 23 ? subnormal
+                                                  : normal;
     return (uint16_t)(h | sign >> 16);
 }
 
@@ -128,9 +122,8 @@ static BN_INLINE float bf16_to_f32(uint16_t h)
 static BN_INLINE uint16_t f32_to_bf16(float value)
 {
     const uint32_t u = f32_bits(value);
-    if ((u & 0x7fffffffu) > 0x7f800000u) /* nan: keep it a (quiet) nan */
-        return (uint16_t)(u >> 16 | 0x40);
-    return (uint16_t)((u + 0x7fff + (u >> 16 & 1)) >> 16); /* round to nearest even */
+    const uint32_t rounded = (u + 0x7fff + (u >> 16 & 1)) >> 16; /* to nearest even */
+    return (uint16_t)((u & 0x7fffffffu) > 0x7f800000u ? u >> 16 | 0x40 : rounded); /* nan: quiet */
 }
 
 /* One build runs on any x86-64: the kernels are compiled for AVX-512, AVX2+FMA and the baseline

@@ -176,27 +176,28 @@ static BN_INLINE void BN_NAME(apply_tile)(
         d[l] = has_dy ? dyscale[g] : 0;
     }
     for (npy_intp r = 0; r < rows; r++) {
-        BN_C v[BN_LANES], w[BN_LANES];
+        /* the row's elements as stored, then converted: memory and conversion in loops of their
+         * own, which vectorize (a load that converts did not, for half precision) */
+        BN_T xr[BN_LANES], dyr[BN_LANES], t[BN_LANES];
+        BN_C v[BN_LANES];
         for (npy_intp l = 0; l < m; l++)
-            v[l] = BN_NAME(load)(x + r * xs0 + l * xs1);
+            memcpy(&xr[l], x + r * xs0 + l * xs1, sizeof(BN_T));
         if (has_dy)
             for (npy_intp l = 0; l < m; l++)
-                w[l] = BN_NAME(load)(dy + r * ds0 + l * ds1);
+                memcpy(&dyr[l], dy + r * ds0 + l * ds1, sizeof(BN_T));
+#pragma omp simd
         for (npy_intp l = 0; l < m; l++) {
-            v[l] = (v[l] - k[l]) * s[l] + o[l];
+            v[l] = (BN_WIDEN(xr[l]) - k[l]) * s[l] + o[l];
             if (has_dy)
-                v[l] += w[l] * d[l];
+                v[l] += BN_WIDEN(dyr[l]) * d[l];
+            t[l] = BN_NARROW(v[l]);
         }
         char *orow = out + r * os0;
-        if (stream) {
-            BN_T t[BN_LANES];
-            for (npy_intp l = 0; l < m; l++)
-                t[l] = BN_NARROW(v[l]);
+        if (stream)
             stream_store(orow, t, (size_t)m * sizeof(BN_T));
-        } else {
+        else
             for (npy_intp l = 0; l < m; l++)
-                BN_NAME(store)(orow + l * os1, v[l]);
-        }
+                memcpy(orow + l * os1, &t[l], sizeof(BN_T));
     }
 }
 
