@@ -7,7 +7,7 @@ channels-last), but the layer owns its parameters and the work is done by the C 
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 from numpy.typing import ArrayLike, DTypeLike
@@ -20,6 +20,11 @@ __all__ = ["BatchNorm"]
 _PARAMS = ("gamma", "beta")
 _BUFFERS = ("running_mean", "running_var")
 _COUNT = "num_batches_tracked"
+# bnorm's names of the state under PyTorch's (torch.nn.BatchNorm*d's state_dict keys)
+_TORCH_NAMES = {"gamma": "weight", "beta": "bias", "running_mean": "running_mean",
+                "running_var": "running_var", _COUNT: _COUNT}
+
+_Layer = TypeVar("_Layer", bound="BatchNorm")
 
 
 class BatchNorm:
@@ -76,6 +81,9 @@ class BatchNorm:
     ``F``); nothing else of ``x``'s size is stored.  Do not modify ``x`` in place between
     ``forward`` and ``backward``.  ``y`` and ``dx`` have ``x``'s dtype (as ``bnorm.forward``),
     so a float64 ``x`` through a float32 layer gives float64 outputs.
+
+    ``BatchNorm.from_torch(module)`` makes the layer equal to a PyTorch batch norm, and
+    ``layer.torch_state_dict()`` gives the state back under PyTorch's names.
     """
 
     num_features: Shape
@@ -233,6 +241,42 @@ class BatchNorm:
         if count is not None:
             self.num_batches_tracked = count
 
+    # ------------------------------------------------------------------ PyTorch
+    @classmethod
+    def from_torch(cls: type[_Layer], module: Any) -> _Layer:
+        """A layer equal to ``module``, a ``torch.nn.BatchNorm1d/2d/3d`` or
+        ``torch.nn.SyncBatchNorm``: the same outputs, gradients and running-statistics updates,
+        with PyTorch's conventions spelled in bnorm's arguments.
+
+        ``axis=1`` (channels-first; a BatchNorm1d's ``(N, C)`` input has it last, which is the
+        same axis), the module's ``eps``, ``momentum=1 - m`` (ours weights the old value,
+        PyTorch's the new; ``None`` stays ``None``), ``running_var_ddof=1`` (PyTorch's running
+        variance is unbiased), ``affine`` and ``track_running_stats`` as the module's.  Its
+        parameters and buffers are copied (the layer shares no memory with the module), in their
+        dtype: float32 or float64, anything else is a ``TypeError``; so is a module that is not
+        one of those batch norms.  Call ``forward(x, training=module.training)`` as the module
+        would run.  torch is imported here, never at ``import bnorm``.
+        """
+        num_features, config, state = _torch_layer_args(module)
+        layer = cls(num_features, **config)
+        layer.load_state_dict(state)
+        return layer
+
+    def torch_state_dict(self) -> dict[str, np.ndarray]:
+        """The state under PyTorch's names, as NumPy copies: ``weight`` and ``bias`` (when
+        ``affine``), ``running_mean``, ``running_var`` and ``num_batches_tracked`` (a 0-d int64
+        array; when ``track_running_stats``): exactly the keys such a torch batch norm has, for
+        ``module.load_state_dict({k: torch.from_numpy(v) for k, v in d.items()})``.
+
+        PyTorch's batch norms have one feature axis: a layer of several (``num_features`` a
+        tuple of two or more) is a ``ValueError``.  The conventions (``eps``, ``momentum`` as
+        ``1 - m``, ``running_var_ddof=1``) are the module's arguments, not state.
+        """
+        if len(self.num_features) != 1:
+            raise ValueError(f"torch_state_dict: PyTorch's batch norms have one feature axis, "
+                             f"this layer has num_features={self.num_features}")
+        return {_TORCH_NAMES[k]: v for k, v in self.state_dict().items()}
+
     # ------------------------------------------------------------------ helpers
     def _array_names(self) -> tuple[str, ...]:
         """The state held in arrays of shape ``F``."""
@@ -264,3 +308,37 @@ class BatchNorm:
     def __repr__(self) -> str:
         return f"BatchNorm({self._num_features_repr()}, {self._config_repr()})"
 
+
+def _torch_layer_args(module: Any) -> tuple[int, dict[str, Any], dict[str, np.ndarray]]:
+    """``(num_features, keyword arguments, state dict)`` of the bnorm layer equal to a PyTorch
+    batch norm (see ``BatchNorm.from_torch``)."""
+    import torch   # here only: bnorm does not need torch
+
+    batch_norms = (torch.nn.BatchNorm1d, torch.nn.BatchNorm2d, torch.nn.BatchNorm3d,
+                   torch.nn.SyncBatchNorm)
+    if not isinstance(module, batch_norms):
+        raise TypeError(f"from_torch takes a torch.nn.BatchNorm1d, BatchNorm2d, BatchNorm3d or "
+                        f"SyncBatchNorm, got {type(module).__name__}")
+    affine, tracked = bool(module.affine), bool(module.track_running_stats)
+    tensors: dict[str, Any] = {}
+    if affine:
+        tensors.update(gamma=module.weight, beta=module.bias)
+    if tracked:
+        tensors.update(running_mean=module.running_mean, running_var=module.running_var)
+    state = {}
+    for name, tensor in tensors.items():
+        if tensor.dtype not in (torch.float32, torch.float64):
+            raise TypeError(f"from_torch: the module's {_TORCH_NAMES[name]} has dtype "
+                            f"{tensor.dtype}; bnorm's layers hold float32 or float64")
+        state[name] = tensor.detach().cpu().numpy().copy()
+    if tracked:
+        count = module.num_batches_tracked
+        state[_COUNT] = np.array(0 if count is None else int(count), dtype=np.int64)
+    # The layer's dtype is its parameters' (or, with affine=False, its running statistics');
+    # a module with neither holds no state, and bnorm's default dtype serves.
+    first = next(iter(tensors), None)
+    dtype = state[first].dtype if first is not None else np.dtype(np.float32)
+    m = module.momentum
+    config = dict(axis=1, eps=float(module.eps), momentum=None if m is None else 1.0 - m,
+                  affine=affine, dtype=dtype, track_running_stats=tracked, running_var_ddof=1)
+    return int(module.num_features), config, state

@@ -33,6 +33,7 @@ any rank.
 from __future__ import annotations
 
 import zlib
+from typing import Any, TypeVar
 
 try:
     from mpi4py import MPI
@@ -48,10 +49,12 @@ from numpy.typing import ArrayLike, DTypeLike, NDArray
 
 from . import _checks
 from ._checks import Axis, FloatArray
-from .layer import _BUFFERS, BatchNorm
+from .layer import _BUFFERS, BatchNorm, _torch_layer_args
 from .phases import backward_apply, backward_sums, batch_stats, normalize
 
 __all__ = ["SyncBatchNorm", "allreduce_stats"]
+
+_SyncLayer = TypeVar("_SyncLayer", bound="SyncBatchNorm")
 
 # The sums are redone around the mean just found when sum((x - shift)**2) exceeds TAU times the
 # sum of squared deviations m2: the cancellation would then cost more than log2(TAU) bits of
@@ -360,6 +363,21 @@ class SyncBatchNorm(BatchNorm):
         self._shift = parts[-1].reshape(self.num_features).copy()
         if self.track_running_stats:
             self.num_batches_tracked = int(buf[-1])
+
+    # ------------------------------------------------------------------ PyTorch
+    @classmethod
+    def from_torch(cls: type[_SyncLayer], module: Any,
+                   comm: MPI.Comm | None = None) -> _SyncLayer:
+        """``BatchNorm.from_torch`` over ``comm``: a SyncBatchNorm equal to ``module`` (a
+        ``torch.nn.SyncBatchNorm`` or ``BatchNorm1d/2d/3d``), its batch split across the ranks
+        of ``comm`` (required: PyTorch's process group does not translate to MPI)."""
+        if comm is None:
+            raise TypeError("SyncBatchNorm.from_torch(module, comm): comm, the mpi4py "
+                            "communicator the batch is split across, is required")
+        num_features, config, state = _torch_layer_args(module)
+        layer = cls(comm, num_features, **config)
+        layer.load_state_dict(state)
+        return layer
 
     # ------------------------------------------------------------------ helpers
     def __repr__(self) -> str:
