@@ -143,6 +143,14 @@ def step_momentum(momentum: object, num_batches_tracked: int) -> float:
     return check_momentum(momentum)
 
 
+def check_flag(name: str, value: object) -> bool:
+    """A True/False switch (Python's or NumPy's bool): ``track_running_stats=None`` or ``="no"``
+    is a slip that ``bool()`` would silently read one way or the other."""
+    if not isinstance(value, (bool, np.bool_)):
+        raise TypeError(f"{name} must be True or False, got {value!r}")
+    return bool(value)
+
+
 def check_running_var_ddof(ddof: object) -> int:
     """``running_var_ddof``: 0 (biased) or 1 (unbiased), with ``bnorm.forward``'s errors:
     TypeError for what is not an integer, ValueError for other integers.  As in the C (and

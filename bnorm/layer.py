@@ -113,7 +113,7 @@ class BatchNorm:
         self.momentum = _checks.check_layer_momentum(momentum)
         self.affine = bool(affine)
         self.dtype = _checks.check_layer_dtype(dtype)
-        self.track_running_stats = bool(track_running_stats)
+        self.track_running_stats = _checks.check_flag("track_running_stats", track_running_stats)
         self.running_var_ddof = _checks.check_running_var_ddof(running_var_ddof)
 
         F = self.num_features
