@@ -129,18 +129,20 @@ def check_layer_momentum(momentum: object) -> float | None:
     return None if momentum is None else check_momentum(momentum)
 
 
-def step_momentum(momentum: object, num_batches_tracked: int) -> float:
+def step_momentum(momentum: float | None, num_batches_tracked: int) -> float:
     """The weight of the old running value for the next training batch.
 
-    ``momentum`` itself, or for ``momentum=None`` (PyTorch's cumulative moving average) ``1 - 1/n``
-    for the ``n``-th batch (``n = num_batches_tracked + 1``): ``(1 - 1/n) * r + (1/n) * batch`` is
-    the mean of all ``n`` batches' statistics, and the first batch replaces the initial values
-    (weight 0), as in PyTorch.  Expressed as a momentum, the update stays the one call into
-    ``bnorm.forward`` (or ``update_running_averages``) that a fixed momentum makes.
+    ``momentum`` itself (as given: ``bnorm.forward`` validates it, and ``SyncBatchNorm`` calls
+    ``check_layer_momentum``; a check here would cost the layer's small calls 10%), or for
+    ``momentum=None`` (PyTorch's cumulative moving average) ``1 - 1/n`` for the ``n``-th batch
+    (``n = num_batches_tracked + 1``): ``(1 - 1/n) * r + (1/n) * batch`` is the mean of all ``n``
+    batches' statistics, and the first batch replaces the initial values (weight 0), as in
+    PyTorch.  Expressed as a momentum, the update stays the one call into ``bnorm.forward`` (or
+    ``update_running_averages``) that a fixed momentum makes.
     """
     if momentum is None:
         return 1.0 - 1.0 / (num_batches_tracked + 1)
-    return check_momentum(momentum)
+    return momentum
 
 
 def check_flag(name: str, value: object) -> bool:

@@ -231,7 +231,8 @@ class SyncBatchNorm(BatchNorm):
             # checked again, as bnorm.forward checks BatchNorm's: eps, momentum and
             # running_var_ddof are plain attributes, and eps=inf would make every y beta
             _checks.check_eps(self.eps)
-            momentum = _checks.step_momentum(self.momentum, self.num_batches_tracked or 0)
+            momentum = _checks.step_momentum(_checks.check_layer_momentum(self.momentum),
+                                             self.num_batches_tracked or 0)
             ddof = _checks.check_running_var_ddof(self.running_var_ddof)
             if updates_running:
                 for name in _BUFFERS:
