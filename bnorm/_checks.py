@@ -124,6 +124,65 @@ def check_momentum(momentum: object) -> float:
     return value
 
 
+def check_layer_momentum(momentum: object) -> float | None:
+    """A layer's ``momentum``: a float in [0, 1], or None for the cumulative moving average."""
+    return None if momentum is None else check_momentum(momentum)
+
+
+def step_momentum(momentum: float | None, num_batches_tracked: int) -> float:
+    """The weight of the old running value for the next training batch.
+
+    ``momentum`` itself (as given: ``bnorm.forward`` validates it, and ``SyncBatchNorm`` calls
+    ``check_layer_momentum``; a check here would cost the layer's small calls 10%), or for
+    ``momentum=None`` (PyTorch's cumulative moving average) ``1 - 1/n`` for the ``n``-th batch
+    (``n = num_batches_tracked + 1``): ``(1 - 1/n) * r + (1/n) * batch`` is the mean of all ``n``
+    batches' statistics, and the first batch replaces the initial values (weight 0), as in
+    PyTorch.  Expressed as a momentum, the update stays the one call into ``bnorm.forward`` (or
+    ``update_running_averages``) that a fixed momentum makes.
+    """
+    if momentum is None:
+        return 1.0 - 1.0 / (num_batches_tracked + 1)
+    return momentum
+
+
+def check_flag(name: str, value: object) -> bool:
+    """A True/False switch (Python's or NumPy's bool): ``track_running_stats=None`` or ``="no"``
+    is a slip that ``bool()`` would silently read one way or the other."""
+    if not isinstance(value, (bool, np.bool_)):
+        raise TypeError(f"{name} must be True or False, got {value!r}")
+    return bool(value)
+
+
+def check_running_var_ddof(ddof: object) -> int:
+    """``running_var_ddof``: 0 (biased) or 1 (unbiased), with ``bnorm.forward``'s errors:
+    TypeError for what is not an integer, ValueError for other integers.  As in the C (and
+    NumPy's ``ddof``), anything with ``__index__`` is an integer, True included."""
+    try:
+        value = operator.index(ddof)  # type: ignore[arg-type]
+    except TypeError:
+        raise TypeError(f"running_var_ddof must be the int 0 or 1, got {ddof!r}") from None
+    if value not in (0, 1):
+        raise ValueError(f"running_var_ddof must be 0 (biased) or 1 (unbiased), got {ddof!r}")
+    return value
+
+
+def check_num_batches_tracked(value: object) -> int:
+    """A state dict's ``num_batches_tracked``: an integer >= 0 (a Python or NumPy int, or a 0-d
+    integer array as ``np.load`` returns it).  TypeError for bools, floats and anything else that
+    is not an integer; ValueError for a negative count or more than one value."""
+    found = np.asarray(value)
+    if found.dtype.kind not in "iu":
+        raise TypeError(f"state dict entry 'num_batches_tracked' must be an integer, got "
+                        f"{value!r} of dtype {found.dtype}")
+    if found.ndim != 0:
+        raise ValueError(f"state dict entry 'num_batches_tracked' must be a single integer, got "
+                         f"shape {found.shape}")
+    count = int(found)
+    if count < 0:
+        raise ValueError(f"state dict entry 'num_batches_tracked' must be >= 0, got {count}")
+    return count
+
+
 def check_layer_dtype(dtype: DTypeLike) -> np.dtype[Any]:
     """The dtype of a layer's parameters and running statistics: float32 or float64."""
     found = np.dtype(dtype)

@@ -33,6 +33,7 @@ any rank.
 from __future__ import annotations
 
 import zlib
+from typing import Any, TypeVar
 
 try:
     from mpi4py import MPI
@@ -48,10 +49,12 @@ from numpy.typing import ArrayLike, DTypeLike, NDArray
 
 from . import _checks
 from ._checks import Axis, FloatArray
-from .layer import _BUFFERS, BatchNorm
+from .layer import _BUFFERS, BatchNorm, _torch_layer_args
 from .phases import backward_apply, backward_sums, batch_stats, normalize
 
 __all__ = ["SyncBatchNorm", "allreduce_stats"]
+
+_SyncLayer = TypeVar("_SyncLayer", bound="SyncBatchNorm")
 
 # The sums are redone around the mean just found when sum((x - shift)**2) exceeds TAU times the
 # sum of squared deviations m2: the cancellation would then cost more than log2(TAU) bits of
@@ -160,16 +163,23 @@ class SyncBatchNorm(BatchNorm):
     """``bnorm.BatchNorm`` over a batch split across the ranks of an MPI communicator.
 
     ``SyncBatchNorm(comm, num_features, *, axis=-1, eps=1e-8, momentum=0.9, affine=True,
-    dtype=np.float32)``: ``comm`` is an mpi4py intracommunicator (``MPI.COMM_WORLD`` or a
-    sub-communicator: a process group); the other arguments, the attributes (``gamma``, ``beta``,
-    ``running_mean``, ``running_var``, ``dgamma``, ``dbeta``) and ``state_dict`` /
-    ``load_state_dict`` are ``BatchNorm``'s.
+    dtype=np.float32, track_running_stats=True, running_var_ddof=0)``: ``comm`` is an mpi4py
+    intracommunicator (``MPI.COMM_WORLD`` or a sub-communicator: a process group); the other
+    arguments, the attributes (``gamma``, ``beta``, ``running_mean``, ``running_var``,
+    ``num_batches_tracked``, ``dgamma``, ``dbeta``) and ``state_dict`` / ``load_state_dict``
+    are ``BatchNorm``'s, with the *global* batch in place of the batch: ``momentum=None``
+    averages the global batches' statistics, ``running_var_ddof=1`` folds in
+    ``var * M / (M - 1)`` with ``M`` the global number of values per feature, and training
+    needs ``M >= 2`` globally (one value per feature in the whole batch is a ``ValueError`` on
+    every rank, nothing modified anywhere; a rank may hold a single row, or none).
 
     ``forward(x, training=True)``: ``x`` is this rank's part of the global batch, split along any
     batch axis (any length, 0 included).  Training normalizes with the global batch's mean and
     biased variance and updates the running statistics with them (identical on every rank): one
     ``Allreduce`` (two on steps where the previous mean is a poor shift, see the module's doc).
-    ``training=False`` uses the running statistics and communicates nothing.
+    ``training=False`` uses the running statistics and communicates nothing -- except with
+    ``track_running_stats=False``, where it normalizes with the global batch's statistics as
+    training does (a collective then, updating nothing).
 
     ``backward(dy)``: this rank's part of ``dx``, and ``dgamma``/``dbeta`` of the *whole* batch,
     identical on every rank (so an optimizer must not sum or average them across ranks again):
@@ -180,12 +190,14 @@ class SyncBatchNorm(BatchNorm):
     """
 
     def __init__(self, comm: MPI.Comm, num_features: int | tuple[int, ...], *,
-                 axis: Axis = -1, eps: float = 1e-8, momentum: float = 0.9,
-                 affine: bool = True, dtype: DTypeLike = np.float32) -> None:
+                 axis: Axis = -1, eps: float = 1e-8, momentum: float | None = 0.9,
+                 affine: bool = True, dtype: DTypeLike = np.float32,
+                 track_running_stats: bool = True, running_var_ddof: int = 0) -> None:
         if not all(hasattr(comm, m) for m in ("Allreduce", "Get_size")):
             raise TypeError(f"comm must be an mpi4py communicator, got {type(comm).__name__}")
         super().__init__(num_features, axis=axis, eps=eps, momentum=momentum, affine=affine,
-                         dtype=dtype)
+                         dtype=dtype, track_running_stats=track_running_stats,
+                         running_var_ddof=running_var_ddof)
         self.comm = comm
         nf = int(np.prod(self.num_features))
         self._fwd_bufs = (np.empty(_FWD_HEADER + 2 * nf), np.empty(_FWD_HEADER + 2 * nf))
@@ -199,22 +211,32 @@ class SyncBatchNorm(BatchNorm):
     def forward(self, x: ArrayLike, training: bool = True) -> FloatArray:
         """Normalize this rank's ``x`` with the global batch's statistics; returns its ``y``.
 
-        A collective when training (every rank calls it); see the class doc.
+        A collective when it uses the batch's statistics (training, or any forward with
+        ``track_running_stats=False``: every rank calls it); see the class doc.
         """
-        if not training:
-            return self._forward_eval(x)
+        if training or not self.track_running_stats:
+            return self._forward_batch_stats(x, updates_running=bool(training)
+                                             and self.track_running_stats)
+        return self._forward_eval(x)
+
+    __call__ = forward   # BatchNorm's __call__ is bound to BatchNorm.forward
+
+    def _forward_batch_stats(self, x: ArrayLike, updates_running: bool) -> FloatArray:
         F = self.num_features
         failed = None
         try:
             if not isinstance(x, np.ndarray):
                 x = np.asarray(x)
             _checks.check_features(x, self.axis, self.num_features)
-            # checked again, as bnorm.forward checks BatchNorm's: eps and momentum are plain
-            # attributes, and eps=inf would make every y beta
+            # checked again, as bnorm.forward checks BatchNorm's: eps, momentum and
+            # running_var_ddof are plain attributes, and eps=inf would make every y beta
             _checks.check_eps(self.eps)
-            _checks.check_momentum(self.momentum)
-            for name in _BUFFERS:
-                _checks.check_writable(f"layer.{name}", getattr(self, name))
+            momentum = _checks.step_momentum(_checks.check_layer_momentum(self.momentum),
+                                             self.num_batches_tracked or 0)
+            ddof = _checks.check_running_var_ddof(self.running_var_ddof)
+            if updates_running:
+                for name in _BUFFERS:
+                    _checks.check_writable(f"layer.{name}", getattr(self, name))
             count, mean_r, m2_r = batch_stats(x, axis=self.axis)
             x_is_float64 = x.dtype == np.float64
         except Exception as exc:   # take part in the Allreduce anyway, then raise it
@@ -234,24 +256,31 @@ class SyncBatchNorm(BatchNorm):
         if n == 0:
             raise ValueError("SyncBatchNorm.forward: training with zero elements to reduce over "
                              "(the global batch is empty on every rank)")
+        if n == 1:
+            # every rank sees the same reduced count, so every rank raises, before any write
+            raise ValueError(f"SyncBatchNorm.forward: training needs more than one value per "
+                             f"feature, but the global batch has one per feature (x of shape "
+                             f"{x.shape} on this rank, feature shape {F})")
         var = m2 / n
         rstd = 1.0 / np.sqrt(var + self.eps)
         gamma = self.gamma
         y = normalize(x, mean, rstd, gamma, self.beta, axis=self.axis)
-        _checks.update_running_averages(self.momentum, [
-            ("layer.running_mean", self.running_mean, mean),
-            ("layer.running_var", self.running_var, var)])
+        if updates_running:
+            assert self.running_mean is not None and self.running_var is not None   # for mypy
+            _checks.update_running_averages(momentum, [
+                ("layer.running_mean", self.running_mean, mean),
+                ("layer.running_var", self.running_var, m2 / (n - ddof))])
+            self.num_batches_tracked = (self.num_batches_tracked or 0) + 1
         self._shift = np.where(np.isfinite(mean), mean, 0.0)
         self._ctx = (x, mean, rstd, gamma, True, n)
         return y
-
-    __call__ = forward   # BatchNorm's __call__ is bound to BatchNorm.forward
 
     def _forward_eval(self, x: ArrayLike) -> FloatArray:
         if not isinstance(x, np.ndarray):
             x = np.asarray(x)
         _checks.check_features(x, self.axis, self.num_features)
         _checks.check_eps(self.eps)
+        assert self.running_mean is not None and self.running_var is not None   # tracked
         mean = self.running_mean.astype(np.float64)
         rstd = 1.0 / np.sqrt(self.running_var.astype(np.float64) + self.eps)
         gamma = self.gamma
@@ -315,13 +344,17 @@ class SyncBatchNorm(BatchNorm):
 
     # ------------------------------------------------------------------ state
     def broadcast_state(self, root: int = 0) -> None:
-        """Copy rank ``root``'s ``gamma``, ``beta`` and running statistics to every rank, in
-        place (one ``Bcast``; a collective).  Use it after initializing or loading on one rank."""
-        names = self._state_names()
+        """Copy rank ``root``'s ``gamma``, ``beta``, running statistics and
+        ``num_batches_tracked`` to every rank, in place (one ``Bcast``; a collective).  Use it
+        after initializing or loading on one rank."""
+        names = self._array_names()
         arrays = [getattr(self, k) for k in names] + [self._shift]
-        buf = np.concatenate([np.asarray(a, dtype=np.float64).reshape(-1) for a in arrays])
+        # the count rides along as a float64: exact up to 2**53 batches
+        count = float(self.num_batches_tracked or 0)
+        buf = np.concatenate([np.asarray(a, dtype=np.float64).reshape(-1) for a in arrays]
+                             + [np.array([count])])
         self.comm.Bcast(buf, root=root)
-        parts = np.split(buf, len(arrays))
+        parts = np.split(buf[:-1], len(arrays))
         for k, part in zip(names, parts):
             target = getattr(self, k)
             if target.flags.writeable:
@@ -329,6 +362,23 @@ class SyncBatchNorm(BatchNorm):
             else:
                 setattr(self, k, part.reshape(self.num_features).astype(self.dtype))
         self._shift = parts[-1].reshape(self.num_features).copy()
+        if self.track_running_stats:
+            self.num_batches_tracked = int(buf[-1])
+
+    # ------------------------------------------------------------------ PyTorch
+    @classmethod
+    def from_torch(cls: type[_SyncLayer], module: Any,
+                   comm: MPI.Comm | None = None) -> _SyncLayer:
+        """``BatchNorm.from_torch`` over ``comm``: a SyncBatchNorm equal to ``module`` (a
+        ``torch.nn.SyncBatchNorm`` or ``BatchNorm1d/2d/3d``), its batch split across the ranks
+        of ``comm`` (required: PyTorch's process group does not translate to MPI)."""
+        if comm is None:
+            raise TypeError("SyncBatchNorm.from_torch(module, comm): comm, the mpi4py "
+                            "communicator the batch is split across, is required")
+        num_features, config, state = _torch_layer_args(module)
+        layer = cls(comm, num_features, **config)
+        layer.load_state_dict(state)
+        return layer
 
     # ------------------------------------------------------------------ helpers
     def __repr__(self) -> str:

@@ -40,8 +40,8 @@ except ImportError:  # NumPy < 2.0
 __all__ = ["AxisError", "F32", "F64", "DTYPES", "TOL64", "TOL32", "TOL32_REF", "tol_oracle",
            "tol_ref", "axes_of", "fshape", "expand", "sum_to", "oracle_forward",
            "oracle_backward", "mean_var", "amax", "assert_close", "stable_seed", "rng_for",
-           "randn", "readonly", "BNORM_PARENT", "child_env", "run_threads", "rss_bytes",
-           "asan_loaded"]
+           "randn", "readonly", "layer_snapshot", "assert_layer_unchanged", "BNORM_PARENT",
+           "child_env", "run_threads", "rss_bytes", "asan_loaded"]
 
 # --------------------------------------------------------------------------- dtypes, tolerances
 F32, F64 = np.float32, np.float64
@@ -91,9 +91,10 @@ def sum_to(g, shape):
 
 # --------------------------------------------------------------------------- float64 oracles
 def oracle_forward(x, gamma=None, beta=None, axis=-1, eps=1e-8, training=True,
-                   running_mean=None, running_var=None, momentum=0.9):
+                   running_mean=None, running_var=None, momentum=0.9, running_var_ddof=0):
     """docs/api.md's forward in float64. Returns y, mean, rstd, new running mean, new running
-    var."""
+    var (folding in the biased batch variance, or with ``running_var_ddof=1`` the unbiased
+    ``var * M / (M - 1)``)."""
     x64 = np.asarray(x).astype(F64)
     red, kept = axes_of(x64.ndim, axis)
     F = tuple(x64.shape[a] for a in kept)
@@ -106,8 +107,10 @@ def oracle_forward(x, gamma=None, beta=None, axis=-1, eps=1e-8, training=True,
         mean = shift + dmean
         var = ((d - expand(dmean, red, F)) ** 2).mean(red)  # two-pass, biased
         if running_mean is not None:
+            M = int(np.prod([x64.shape[a] for a in red], dtype=np.int64))
+            var_folded = var * M / (M - running_var_ddof)
             new_rm = momentum * np.asarray(running_mean, F64) + (1 - momentum) * mean
-            new_rv = momentum * np.asarray(running_var, F64) + (1 - momentum) * var
+            new_rv = momentum * np.asarray(running_var, F64) + (1 - momentum) * var_folded
     else:
         mean = np.asarray(running_mean, F64)
         var = np.asarray(running_var, F64)
@@ -163,6 +166,33 @@ def assert_close(got, expected, tol, what="", scale=0.0):
         scale = 1.0
     np.testing.assert_allclose(got.astype(F64), expected, rtol=tol, atol=tol * scale,
                                err_msg=what)
+
+
+def layer_snapshot(layer):
+    """Copies of everything a BatchNorm (or SyncBatchNorm) call may change: its state (arrays and
+    ``num_batches_tracked``), its gradients and what its forward saved for backward."""
+    arrays = ("gamma", "beta", "running_mean", "running_var", "dgamma", "dbeta")
+    snap = {k: None if getattr(layer, k) is None else np.array(getattr(layer, k), copy=True)
+            for k in arrays}
+    snap["num_batches_tracked"] = layer.num_batches_tracked
+    # what forward saved for backward, by identity (the snapshot's reference keeps it alive, so
+    # a new context cannot reuse its address)
+    snap["saved"] = getattr(layer, "_ctx", None) or getattr(layer, "_saved", None)
+    return snap
+
+
+def assert_layer_unchanged(layer, snap, what=""):
+    """``layer`` is as ``layer_snapshot`` found it: arrays bit for bit, count, saved context."""
+    now = layer_snapshot(layer)
+    for k, before in snap.items():
+        after = now[k]
+        if k == "saved":
+            assert after is before, f"{what}: what forward saved for backward was replaced"
+        elif isinstance(before, np.ndarray):
+            assert after is not None and after.dtype == before.dtype, f"{what}: {k}"
+            assert after.tobytes() == before.tobytes(), f"{what}: {k} was modified"
+        else:
+            assert after == before, f"{what}: {k} was modified ({before!r} -> {after!r})"
 
 
 # --------------------------------------------------------------------------- seeds and data

@@ -264,7 +264,7 @@ def test_affine_false():
     _f32_close(layer.backward(dy), ref.backward(dy))
     assert layer.dgamma is None and layer.dbeta is None
     sd = layer.state_dict()
-    assert set(sd) == {"running_mean", "running_var"}
+    assert set(sd) == {"running_mean", "running_var", "num_batches_tracked"}
     with pytest.raises(ValueError, match="unexpected"):
         layer.load_state_dict(ref.state_dict())
     assert "affine=False" in repr(layer)
@@ -283,7 +283,8 @@ def _trained_layer(rng, F=(5,), **kw):
 def test_state_dict_is_a_copy():
     layer = _trained_layer(np.random.default_rng(9))
     sd = layer.state_dict()
-    assert set(sd) == {"gamma", "beta", "running_mean", "running_var"}
+    assert set(sd) == {"gamma", "beta", "running_mean", "running_var", "num_batches_tracked"}
+    assert sd["num_batches_tracked"].shape == () and sd["num_batches_tracked"] == 3
     for k, v in sd.items():
         np.testing.assert_array_equal(v, getattr(layer, k))
         assert not np.shares_memory(v, getattr(layer, k)), k
@@ -333,8 +334,9 @@ def test_load_state_dict_validates_before_writing():
     layer.load_state_dict(dict(good, extra=np.zeros(5)), strict=False)
     for k, v in layer.state_dict().items():
         np.testing.assert_array_equal(v, good[k], err_msg=k)
-    # float64 values are cast into the float32 arrays
-    layer.load_state_dict({k: v.astype(np.float64) + 1 for k, v in good.items()})
+    # float64 values are cast into the float32 arrays (the count stays an integer)
+    layer.load_state_dict({k: v.astype(np.float64) + 1 if v.dtype.kind == "f" else v
+                           for k, v in good.items()})
     assert layer.gamma.dtype == np.float32
     np.testing.assert_allclose(layer.gamma, good["gamma"].astype(np.float64) + 1, rtol=1e-7)
 

@@ -6,13 +6,16 @@ single-process ``bnorm.BatchNorm`` on the whole batch (the reference).  Outputs,
 (dx, dgamma, dbeta) and running statistics must agree to float32/float64 rounding, over several
 training steps (parameters updated from the layers' own gradients, the data's mean jumping by
 thousands of standard deviations) and in eval mode; global results must be bit-identical on all
-ranks.  Also: the number of Allreduce calls, bad input on one rank (errors, no hang, nothing
-modified), an empty global batch, NaN in one feature, ``allreduce_stats`` and
-``broadcast_state``.
+ranks.  The same with the conventions' keywords (``momentum=None``, ``running_var_ddof=1`` with
+the global count, ``track_running_stats=False``) and ``num_batches_tracked``.  Also: the number
+of Allreduce calls, bad input on one rank (errors, no hang, nothing modified), an empty global
+batch, a global batch of one value per feature, NaN in one feature, ``allreduce_stats``,
+``broadcast_state`` and ``SyncBatchNorm.from_torch`` (when torch is installed).
 
 Prints one line per failed check and exits 1 on any mismatch on any rank (every rank exits 1);
 an unexpected exception aborts the whole job (exit 2) rather than leaving the others hanging.
 """
+import importlib.util
 import sys
 import traceback
 from pathlib import Path
@@ -25,7 +28,8 @@ from bnorm.mpi import SyncBatchNorm, allreduce_stats
 
 # tests/helpers.py: this script runs under mpiexec, where pytest does not put tests/ on the path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from helpers import axes_of, expand, fshape, mean_var  # noqa: E402
+from helpers import (assert_layer_unchanged, axes_of, expand, fshape, layer_snapshot,  # noqa: E402
+                     mean_var)
 
 COMM = MPI.COMM_WORLD
 RANK, SIZE = COMM.Get_rank(), COMM.Get_size()
@@ -148,19 +152,24 @@ def _tol(eps, cond, scale):
 
 # --------------------------------------------------------------------------- the comparison
 def run_case(label, shape, axis, split_axis, dtype, offsets, scales, counts, steps=3,
-             layer_dtype=None, seed=0, independent=False, slack=1.0, jump=True):
+             layer_dtype=None, seed=0, independent=False, slack=1.0, jump=True, layer_kw=None):
+    """``layer_kw``: more keywords for both layers (the conventions'), momentum 0.8 unless
+    given."""
     dtype = np.dtype(dtype)
     layer_dtype = np.dtype(layer_dtype or dtype)
     eps = max(EPS[dtype], EPS[layer_dtype]) * slack
     ndim = len(shape)
     F = fshape(shape, axis)
     rng = np.random.default_rng(seed)     # the same global batches on every rank
-    ref = bnorm.BatchNorm(F, axis=axis, momentum=0.8, dtype=layer_dtype)
+    kw = {"momentum": 0.8, **(layer_kw or {})}
+    ref = bnorm.BatchNorm(F, axis=axis, dtype=layer_dtype, **kw)
     comm = CountingComm(COMM)
-    syn = SyncBatchNorm(comm, F, axis=axis, momentum=0.8, dtype=layer_dtype)
+    syn = SyncBatchNorm(comm, F, axis=axis, dtype=layer_dtype, **kw)
+    tracked = ref.track_running_stats
     gamma0 = rng.uniform(0.5, 2.0, F)
     beta0 = rng.standard_normal(F)
-    for layer in (ref, syn):
+    affine = ref.affine
+    for layer in (ref, syn) if affine else ():
         layer.gamma[...] = gamma0
         layer.beta[...] = beta0
     sl = my_slice(counts, split_axis, ndim)
@@ -172,8 +181,11 @@ def run_case(label, shape, axis, split_axis, dtype, offsets, scales, counts, ste
         # the data's mean jumps at step 2 by thousands of standard deviations, and back at 3
         off = offsets + (3000.0 * (offsets != 0) if step == 2 and jump else 0.0)
         x, dy = make_batch(rng, shape, axis, dtype, off, np.asarray(scales, np.float64))
-        tag = f"{label} {dtype.name} counts={counts} step={step} training={training}"
-        gamma_used, beta_used = ref.gamma.copy(), ref.beta.copy()
+        tag = (f"{label} {dtype.name} counts={counts} step={step} training={training}"
+               f"{' ' + repr(layer_kw) if layer_kw else ''}")
+        uses_batch_stats = training or not tracked
+        gamma_used = ref.gamma.copy() if affine else np.ones(F)
+        beta_used = ref.beta.copy() if affine else np.zeros(F)
         n_before = comm.allreduces
         y_ref = ref.forward(x, training=training)
         y = syn.forward(x[sl], training=training)
@@ -185,7 +197,7 @@ def run_case(label, shape, axis, split_axis, dtype, offsets, scales, counts, ste
         # scales for the tolerances, per feature, from the reference's own numbers
         red, _ = axes_of(x.ndim, axis)
         x64 = x.astype(np.float64)
-        if training:
+        if uses_batch_stats:
             mean, var = mean_var(x, axis)
         else:
             mean = ref.running_mean.astype(np.float64)
@@ -205,37 +217,49 @@ def run_case(label, shape, axis, split_axis, dtype, offsets, scales, counts, ste
         assert y.dtype == dx.dtype == dtype, (y.dtype, dx.dtype)
         check(f"y [{tag}]", y, y_ref[sl], fv(_tol(eps, cond, y_scale)), dtype)
         check(f"dx [{tag}]", dx, dx_ref[sl], fv(_tol(eps, cond, dx_scale)), dtype)
-        check(f"dgamma [{tag}]", syn.dgamma, ref.dgamma, _tol(eps, cond, g_scale), dtype)
-        check(f"dbeta [{tag}]", syn.dbeta, ref.dbeta, _tol(eps, 1.0, b_scale), dtype)
-        rm_scale = np.abs(ref.running_mean.astype(np.float64)) + np.sqrt(var)
-        check(f"running_mean [{tag}]", syn.running_mean, ref.running_mean,
-              _tol(eps, 1.0, rm_scale), dtype)
-        check(f"running_var [{tag}]", syn.running_var, ref.running_var,
-              _tol(eps, cond, np.abs(ref.running_var.astype(np.float64))), dtype)
-        for name in ("dgamma", "dbeta", "running_mean", "running_var"):
+        if affine:
+            check(f"dgamma [{tag}]", syn.dgamma, ref.dgamma, _tol(eps, cond, g_scale), dtype)
+            check(f"dbeta [{tag}]", syn.dbeta, ref.dbeta, _tol(eps, 1.0, b_scale), dtype)
+        elif syn.dgamma is not None or syn.dbeta is not None:
+            fail(f"dgamma, dbeta of an affine=False layer are not None [{tag}]")
+        global checks
+        if tracked:
+            rm_scale = np.abs(ref.running_mean.astype(np.float64)) + np.sqrt(var)
+            check(f"running_mean [{tag}]", syn.running_mean, ref.running_mean,
+                  _tol(eps, 1.0, rm_scale), dtype)
+            check(f"running_var [{tag}]", syn.running_var, ref.running_var,
+                  _tol(eps, cond, np.abs(ref.running_var.astype(np.float64))), dtype)
+        checks += 1
+        if (syn.num_batches_tracked != ref.num_batches_tracked
+                or (syn.running_mean is None) != (ref.running_mean is None)):
+            fail(f"num_batches_tracked / running stats [{tag}]: {syn.num_batches_tracked} "
+                 f"(running_mean {type(syn.running_mean).__name__}), expected "
+                 f"{ref.num_batches_tracked} ({type(ref.running_mean).__name__})")
+        for name in ((("dgamma", "dbeta") if affine else ())
+                     + (("running_mean", "running_var") if tracked else ())):
             same_on_all_ranks(f"{name} [{tag}]", getattr(syn, name))
-        # Communication: no Allreduce in an eval forward, one in a training forward (two when
-        # the data's mean moved far from the last step's: the first step on data far from zero
-        # and the jump at step 2), one in every backward.
+        # Communication: no Allreduce in an eval forward with running statistics, one in a
+        # forward with the batch's (two when the data's mean moved far from the last step's: the
+        # first step on data far from zero and the jump at step 2), one in every backward.
         moved = (bool(np.any(np.abs(off) > 100 * np.asarray(scales))) if prev_off is None
                  else bool(np.any(off != prev_off)))
-        allowed = {0} if not training else ({1, 2} if moved else {1})
+        allowed = {0} if not uses_batch_stats else ({1, 2} if moved else {1})
         prev_off = off
-        global checks
         checks += 1
         if fwd_calls not in allowed or bwd_calls != 1:
             fail(f"Allreduce calls [{tag}]: forward {fwd_calls} (expected {sorted(allowed)}), "
                  f"backward {bwd_calls} (expected 1)")
         if independent:   # an optimizer step, from each layer's own gradients
-            for layer in (ref, syn):
+            for layer in (ref, syn) if affine else ():
                 layer.gamma -= (lr * layer.dgamma).astype(layer.dtype)
                 layer.beta -= (lr * layer.dbeta).astype(layer.dtype)
         else:
             # Each step starts from the same state, so that it is compared to rounding by itself
             # (last-bit differences of one step would otherwise be amplified by the next step's
             # conditioning); `independent=True` runs check the drift over several steps.
-            ref.gamma -= (lr * ref.dgamma).astype(ref.dtype)
-            ref.beta -= (lr * ref.dbeta).astype(ref.dtype)
+            if affine:
+                ref.gamma -= (lr * ref.dgamma).astype(ref.dtype)
+                ref.beta -= (lr * ref.dbeta).astype(ref.dtype)
             syn.load_state_dict(ref.state_dict())
 
 
@@ -273,6 +297,85 @@ def test_layouts():
     label, shape, axis, split_axis, off, sc = next(iter(layout_cases(np.float64)))
     run_case(label + " f64 data, f32 layer", shape, axis, split_axis, np.float64, off, sc,
              splits(shape[split_axis])[1], layer_dtype=np.float32)
+
+
+def test_conventions():
+    """momentum=None, running_var_ddof=1 (M: the global count) and track_running_stats=False
+    (the eval step normalizes with the global batch too, a collective) give what BatchNorm gives
+    on the whole batch, on even, uneven and empty slices."""
+    variants = [dict(momentum=None, running_var_ddof=1), dict(running_var_ddof=1),
+                dict(track_running_stats=False), dict(track_running_stats=False, affine=False)]
+    for dtype in (np.float32, np.float64):
+        cases = list(layout_cases(dtype))
+        for layer_kw in variants:
+            for label, shape, axis, split_axis, off, sc in (cases[0], cases[2]):
+                for counts in splits(shape[split_axis]):
+                    run_case(label, shape, axis, split_axis, dtype, off, sc, counts,
+                             layer_kw=layer_kw)
+    # several steps of momentum=None from each layer's own state: the counts stay in step
+    label, shape, axis, split_axis, off, sc = next(iter(layout_cases(np.float64)))
+    run_case(label + " independent", shape, axis, split_axis, np.float64, off, sc,
+             splits(shape[split_axis])[1], steps=6, independent=True, slack=64.0, jump=False,
+             layer_kw=dict(momentum=None, running_var_ddof=1))
+
+
+def test_one_value_per_feature_globally():
+    """A global batch of one row (on one rank, the others empty): ValueError on every rank,
+    collectively (all see the same count), nothing modified anywhere.  With
+    track_running_stats=False inference raises too.  A rank holding one row of a larger global
+    batch is fine."""
+    F = 3
+    holder = SIZE - 1
+    x = np.full((1 if RANK == holder else 0, F), 2.0, np.float32)
+    for kw in (dict(), dict(momentum=None, running_var_ddof=1),
+               dict(track_running_stats=False)):
+        layer = SyncBatchNorm(COMM, F, **kw)
+        layer.forward(np.random.default_rng(RANK).standard_normal((4, F)).astype(np.float32))
+        snap = layer_snapshot(layer)
+        modes = (True, False) if not layer.track_running_stats else (True,)
+        for training in modes:
+            expect_raise(f"global count 1 {kw} training={training}",
+                         lambda: layer.forward(x, training=training), ValueError)
+            try:
+                assert_layer_unchanged(layer, snap, f"global count 1 {kw}")
+            except AssertionError as e:
+                fail(str(e))
+        # and the layer still works, with all ranks in step
+        layer.forward(np.ones((2, F), np.float32) * np.arange(2, dtype=np.float32)[:, None])
+        same_on_all_ranks(f"dgamma after global count 1 {kw}",
+                          layer.backward(np.ones((2, F), np.float32)).sum(0))
+    if SIZE > 1:   # one row on each rank: a global batch of SIZE rows trains
+        layer = SyncBatchNorm(COMM, F, running_var_ddof=1, momentum=0.0, dtype=np.float64)
+        rows = np.arange(SIZE * F, dtype=np.float64).reshape(SIZE, F) ** 2
+        layer.forward(rows[RANK:RANK + 1])
+        check("one row per rank, running_var (ddof 1, global M)", layer.running_var,
+              rows.var(0, ddof=1), 1e-12 * rows.var(0, ddof=1), np.float64)
+
+
+def test_from_torch():
+    """SyncBatchNorm.from_torch(module, comm): the configuration and state BatchNorm.from_torch
+    gives, over comm; a training step on a split batch equals BatchNorm's on the whole one."""
+    if importlib.util.find_spec("torch") is None:
+        return
+    import torch
+    module = torch.nn.SyncBatchNorm(4, momentum=None, eps=1e-3).double()
+    with torch.no_grad():
+        module.weight.uniform_(0.5, 2.0, generator=torch.Generator().manual_seed(1))
+    syn = SyncBatchNorm.from_torch(module, comm=COMM)
+    ref = bnorm.BatchNorm.from_torch(module)
+    global checks
+    checks += 1
+    if repr(syn) != repr(ref).replace("BatchNorm(", f"SyncBatchNorm(<comm of {SIZE} ranks>, "):
+        fail(f"from_torch: {syn!r} is not {ref!r} over comm")
+    expect_raise("SyncBatchNorm.from_torch without comm",
+                 lambda: SyncBatchNorm.from_torch(module), TypeError)
+    x = 3 + np.random.default_rng(4).standard_normal((13, 4, 5))
+    counts = splits(13)[1]
+    y = syn.forward(x[my_slice(counts, 0, 3)])
+    y_ref = ref.forward(x)
+    check("from_torch y", y, y_ref[my_slice(counts, 0, 3)], 1e-12, np.float64)
+    check("from_torch running_var", syn.running_var, ref.running_var, 1e-12, np.float64)
+    check("from_torch count", syn.num_batches_tracked, 1, 0, np.float64)
 
 
 # --------------------------------------------------------------------------- the rest
@@ -336,7 +439,9 @@ def test_configuration_is_checked_as_in_batchnorm():
     bad = [(dict(eps=np.inf), ValueError), (dict(eps=np.nan), ValueError),
            (dict(eps=-1.0), ValueError), (dict(momentum=np.nan), ValueError),
            (dict(momentum=1.5), ValueError), (dict(eps=True), TypeError),
-           (dict(momentum=np.True_), TypeError)]
+           (dict(momentum=np.True_), TypeError), (dict(momentum="0.9"), TypeError),
+           (dict(running_var_ddof=2), ValueError), (dict(running_var_ddof=0.5), TypeError),
+           (dict(track_running_stats=None), TypeError)]
     x = np.random.default_rng(RANK).standard_normal((6, F)).astype(np.float32)
     for name, make in both_layers(F).items():
         for kw, exc in bad:
@@ -349,7 +454,12 @@ def test_configuration_is_checked_as_in_batchnorm():
         good = {k: v + 1 for k, v in layer.state_dict().items()}
         expect_raise(f"{name}.load_state_dict of bools",
                      lambda: layer.load_state_dict(dict(good, gamma=np.ones(F, bool))), TypeError)
+        for count, exc in [(True, TypeError), (2.0, TypeError), (-1, ValueError)]:
+            expect_raise(f"{name}.load_state_dict num_batches_tracked={count!r}",
+                         lambda: layer.load_state_dict(dict(good, num_batches_tracked=count)),
+                         exc)
         check(f"{name} gamma after a failed load", layer.gamma, np.ones(F), 0.0, np.float32)
+        check(f"{name} count after a failed load", layer.num_batches_tracked, 0, 0.0, np.float32)
 
 
 def test_failed_running_update_changes_nothing():
@@ -433,9 +543,16 @@ def test_broadcast_state():
     layer = SyncBatchNorm(COMM, (2, 3), axis=(1, 2))
     layer.gamma[...] = RANK + 1.0
     layer.running_var[...] = 10.0 * (RANK + 1)
+    layer.num_batches_tracked = 5 + RANK
     layer.broadcast_state(root=0)
     check("broadcast gamma", layer.gamma, np.ones((2, 3)), 0, np.float32)
     check("broadcast running_var", layer.running_var, np.full((2, 3), 10.0), 0, np.float32)
+    check("broadcast num_batches_tracked", layer.num_batches_tracked, 5, 0, np.float32)
+    untracked = SyncBatchNorm(COMM, 3, track_running_stats=False)
+    untracked.beta[...] = RANK
+    untracked.broadcast_state(root=SIZE - 1)
+    check("broadcast without running stats", untracked.beta, np.full(3, SIZE - 1.0), 0,
+          np.float32)
     r = repr(layer)
     global checks
     checks += 1
@@ -456,6 +573,9 @@ def main():
     bnorm.set_num_threads(1)
     try:
         test_layouts()
+        test_conventions()
+        test_one_value_per_feature_globally()
+        test_from_torch()
         test_errors_do_not_hang()
         test_configuration_is_checked_as_in_batchnorm()
         test_failed_running_update_changes_nothing()
