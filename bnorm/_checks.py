@@ -12,6 +12,7 @@ from __future__ import annotations
 import math
 import numbers
 import operator
+import sys
 from collections.abc import Iterable
 from typing import Any, Tuple, Union
 
@@ -28,7 +29,7 @@ Axis = Union[int, Tuple[int, ...]]
 Shape = Tuple[int, ...]
 FloatArray = NDArray[np.floating[Any]]
 
-LAYER_DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
+LAYER_DTYPES = (np.dtype(np.float32), np.dtype(np.float64), np.dtype(np.float16))
 
 
 def axis_spec(axis: object) -> Axis:
@@ -184,11 +185,18 @@ def check_num_batches_tracked(value: object) -> int:
 
 
 def check_layer_dtype(dtype: DTypeLike) -> np.dtype[Any]:
-    """The dtype of a layer's parameters and running statistics: float32 or float64."""
+    """The dtype of a layer's parameters and running statistics: float32 or float64, or a half
+    type (float16, ml_dtypes' bfloat16) for parameters as narrow as the data."""
     found = np.dtype(dtype)
-    if found not in LAYER_DTYPES:
-        raise TypeError(f"dtype must be float32 or float64, got {found}")
+    if found not in LAYER_DTYPES and not is_bfloat16(found):
+        raise TypeError(f"dtype must be float32, float64, float16 or bfloat16, got {found}")
     return found
+
+
+def is_bfloat16(dtype: np.dtype[Any]) -> bool:
+    """ml_dtypes' bfloat16 (without importing ml_dtypes: a dtype of it means it is imported)."""
+    ml_dtypes = sys.modules.get("ml_dtypes")
+    return ml_dtypes is not None and dtype == np.dtype(ml_dtypes.bfloat16)
 
 
 def check_writable(name: str, array: np.ndarray) -> None:

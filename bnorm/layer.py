@@ -49,8 +49,10 @@ class BatchNorm:
     affine : bool, default True
         With ``affine=False`` there is no ``gamma``/``beta`` (they, ``dgamma`` and ``dbeta`` are
         ``None``) and the layer only normalizes.
-    dtype : float32 or float64, default float32
-        dtype of the parameters and running statistics.
+    dtype : float32, float64, float16 or bfloat16, default float32
+        dtype of the parameters and running statistics.  Half-precision ``x`` through a float32
+        layer is the mixed-precision setup (``y`` and ``dx`` half, parameters, gradients and
+        running statistics float32); a half layer keeps them as narrow as the data.
     track_running_stats : bool, default True
         With ``False`` the layer keeps no running statistics (``running_mean``,
         ``running_var`` and ``num_batches_tracked`` are None and not in the state dict) and
@@ -222,7 +224,7 @@ class BatchNorm:
         values = {}
         for k in names:
             v = np.asarray(state[k])
-            if v.dtype.kind not in "iuf":
+            if v.dtype.kind not in "iuf" and not _checks.is_bfloat16(v.dtype):
                 raise TypeError(f"state dict entry {k!r} has dtype {v.dtype}, expected an array "
                                 f"of real numbers (integers or floats)")
             if v.shape != self.num_features:

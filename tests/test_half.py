@@ -193,6 +193,60 @@ def test_mixed_precision_layer(dtype):
     assert np.all(np.abs(y.astype(F64) - oy) <= ulp(oy, dtype))
 
 
+@pytest.mark.parametrize("dtype", HALVES, ids=IDS)
+def test_half_layer_and_its_state(dtype):
+    """BatchNorm(dtype=half): parameters, gradients and running statistics as narrow as x."""
+    rng, x, dy, F = case_data(dtype, (32, 3, 4), 1, 300.0)
+    layer = bnorm.BatchNorm(3, axis=1, dtype=dtype)
+    y = layer.forward(x)
+    dx = layer.backward(dy)
+    for a in (y, dx, layer.gamma, layer.dgamma, layer.dbeta, layer.running_mean):
+        assert a.dtype == dtype
+    oy, om, _, _, orv = oracle_forward(x, layer.gamma, layer.beta, 1,
+                                       running_mean=np.zeros(3), running_var=np.ones(3))
+    assert np.all(np.abs(y.astype(F64) - oy) <= ulp(oy, dtype))
+    np.testing.assert_array_equal(layer.running_mean, ((1 - 0.9) * om).astype(dtype))
+    other = bnorm.BatchNorm(3, axis=1, dtype=dtype)
+    other.load_state_dict(layer.state_dict())
+    assert np.array_equal(other.running_var.view(np.uint16), layer.running_var.view(np.uint16))
+
+
+@pytest.mark.parametrize("dtype", HALVES, ids=IDS)
+def test_sync_batch_norm_on_one_rank_equals_batch_norm(dtype):
+    """SyncBatchNorm's own path (batch_stats, an Allreduce, normalize, backward_sums,
+    backward_apply) on half x: what BatchNorm gives, to float32 rounding before the narrowing.
+    (tests/test_mpi.py runs it on several ranks.)"""
+    MPI = pytest.importorskip("mpi4py.MPI")
+    from bnorm.mpi import SyncBatchNorm
+    rng, x, dy, F = case_data(dtype, (24, 6), -1, 50.0)
+    sync, single = SyncBatchNorm(MPI.COMM_SELF, 6), bnorm.BatchNorm(6)
+    ys, ysingle = sync.forward(x), single.forward(x)
+    dxs, dxsingle = sync.backward(dy), single.backward(dy)
+    assert ys.dtype == dtype and dxs.dtype == dtype
+    for got, want in [(ys, ysingle), (dxs, dxsingle)]:
+        assert np.all(np.abs(got.astype(F64) - want.astype(F64)) <= ulp(want.astype(F64), dtype))
+    np.testing.assert_allclose(sync.running_var, single.running_var, rtol=1e-6)
+    np.testing.assert_allclose(sync.dgamma, single.dgamma, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("dtype", HALVES, ids=IDS)
+def test_constant_channels_and_nan_stay_per_feature(dtype):
+    """A constant channel far from zero normalizes to beta exactly; NaN and inf reach only the
+    features they are in, as for float32."""
+    rng, x, dy, F = case_data(dtype, (16, 4), -1, 0.0)
+    x[:, 1] = np.asarray(300.0, dtype)
+    x[3, 2] = np.asarray(np.nan, dtype)
+    x[5, 3] = np.asarray(np.inf, dtype)
+    y, mean, rstd = bnorm.forward(x, None, 0.5)
+    assert np.all(y[:, 1].astype(F64) == 0.5)
+    assert np.isnan(y[:, 2].astype(F64)).all() and np.isnan(y[:, 3].astype(F64)).all()
+    oy = oracle_forward(x[:, :1], None, 0.5)[0]
+    assert np.all(np.abs(y[:, :1].astype(F64) - oy) <= ulp(oy, dtype))
+    dx = bnorm.backward(dy, x, mean, rstd)[0]
+    assert np.isfinite(dx[:, :2].astype(F64)).all()
+    assert np.isnan(dx[:, 2].astype(F64)).all()
+
+
 def test_bfloat16_is_recognized_without_importing_ml_dtypes_in_bnorm():
     import subprocess
     import sys
