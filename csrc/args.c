@@ -21,6 +21,9 @@ static PyObject *buffer_handler_capsule;
  * inspect.signature reads. */
 int bn_spec_init(bn_spec *spec)
 {
+    spec->nparams = 0;
+    while (spec->nparams < BN_MAX_PARAMS && spec->params[spec->nparams].name)
+        spec->nparams++;
     size_t doc_size = strlen(spec->fname) + strlen(spec->doc) + 32;
     for (Py_ssize_t i = 0; i < spec->nparams; i++) {
         const bn_param *p = &spec->params[i];

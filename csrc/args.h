@@ -45,10 +45,10 @@ typedef struct {
 typedef struct {
     const char *fname;  /* as Python calls it: "forward" */
     Py_ssize_t npos;    /* the first npos parameters may come by position; the rest keyword-only */
-    Py_ssize_t nparams;
-    bn_param params[BN_MAX_PARAMS];
+    bn_param params[BN_MAX_PARAMS]; /* in order, then unused entries (name NULL) */
     const char *doc;    /* the docstring after the signature */
     /* made by bn_spec_init, at import */
+    Py_ssize_t nparams; /* the params given */
     PyObject *interned[BN_MAX_PARAMS]; /* the names */
     PyObject *defaults[BN_MAX_PARAMS]; /* NULL for required parameters */
     char *signed_doc;                  /* "fname($module, ...)\n--\n\n" + doc */

@@ -187,7 +187,7 @@ typedef struct {
 } forward_args;
 
 static bn_spec forward_spec = {
-    "forward", 3, 11, {
+    "forward", 3, {
         BN_PARAM(forward_args, x, NULL, bn_to_object),
         BN_PARAM(forward_args, gamma, "None", bn_to_object),
         BN_PARAM(forward_args, beta, "None", bn_to_object),
@@ -292,7 +292,7 @@ typedef struct {
 } backward_args;
 
 static bn_spec backward_spec = {
-    "backward", 5, 8, {
+    "backward", 5, {
         BN_PARAM(backward_args, dy, NULL, bn_to_object),
         BN_PARAM(backward_args, x, NULL, bn_to_object),
         BN_PARAM(backward_args, mean, NULL, bn_to_object),
@@ -362,7 +362,7 @@ typedef struct {
 } batch_stats_args;
 
 static bn_spec batch_stats_spec = {
-    "batch_stats", 1, 2, {
+    "batch_stats", 1, {
         BN_PARAM(batch_stats_args, x, NULL, bn_to_object),
         BN_PARAM(batch_stats_args, axis, "-1", bn_to_object),
     }, batch_stats_doc};
@@ -407,7 +407,7 @@ typedef struct {
 } normalize_args;
 
 static bn_spec normalize_spec = {
-    "normalize", 5, 7, {
+    "normalize", 5, {
         BN_PARAM(normalize_args, x, NULL, bn_to_object),
         BN_PARAM(normalize_args, mean, NULL, bn_to_object),
         BN_PARAM(normalize_args, rstd, NULL, bn_to_object),
@@ -454,7 +454,7 @@ typedef struct {
 } backward_sums_args;
 
 static bn_spec backward_sums_spec = {
-    "backward_sums", 3, 4, {
+    "backward_sums", 3, {
         BN_PARAM(backward_sums_args, dy, NULL, bn_to_object),
         BN_PARAM(backward_sums_args, x, NULL, bn_to_object),
         BN_PARAM(backward_sums_args, mean, NULL, bn_to_object),
@@ -501,7 +501,7 @@ typedef struct {
 } backward_apply_args;
 
 static bn_spec backward_apply_spec = {
-    "backward_apply", 8, 10, {
+    "backward_apply", 8, {
         BN_PARAM(backward_apply_args, dy, NULL, bn_to_object),
         BN_PARAM(backward_apply_args, x, NULL, bn_to_object),
         BN_PARAM(backward_apply_args, mean, NULL, bn_to_object),
