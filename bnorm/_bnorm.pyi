@@ -27,6 +27,7 @@ def forward(
     running_var: _Floats | None = None,
     momentum: float = 0.9,
     running_var_ddof: int = 0,
+    activation: str | None = None,
     out: _Floats | None = None,
 ) -> tuple[_Floats, _Floats, _Floats]: ...
 def backward(
@@ -38,6 +39,8 @@ def backward(
     *,
     axis: _Axis = -1,
     training: bool = True,
+    beta: ArrayLike | None = None,
+    activation: str | None = None,
     out: _Floats | None = None,
 ) -> tuple[_Floats, _Floats, _Floats]: ...
 def batch_stats(x: ArrayLike, *, axis: _Axis = -1) -> tuple[int, _Float64s, _Float64s]: ...
@@ -49,10 +52,19 @@ def normalize(
     beta: ArrayLike | None = None,
     *,
     axis: _Axis = -1,
+    activation: str | None = None,
     out: _Floats | None = None,
 ) -> _Floats: ...
 def backward_sums(
-    dy: ArrayLike, x: ArrayLike, mean: ArrayLike, *, axis: _Axis = -1
+    dy: ArrayLike,
+    x: ArrayLike,
+    mean: ArrayLike,
+    *,
+    axis: _Axis = -1,
+    rstd: ArrayLike | None = None,
+    gamma: ArrayLike | None = None,
+    beta: ArrayLike | None = None,
+    activation: str | None = None,
 ) -> tuple[_Float64s, _Float64s]: ...
 def backward_apply(
     dy: ArrayLike,
@@ -65,6 +77,8 @@ def backward_apply(
     gamma: ArrayLike | None = None,
     *,
     axis: _Axis = -1,
+    beta: ArrayLike | None = None,
+    activation: str | None = None,
     out: _Floats | None = None,
 ) -> _Floats: ...
 def get_num_threads() -> int: ...

@@ -154,6 +154,14 @@ def check_flag(name: str, value: object) -> bool:
     return bool(value)
 
 
+def check_activation(activation: object) -> str | None:
+    """An activation fused after the normalization: None or "relu" (``bnorm.forward``'s
+    ValueError for anything else)."""
+    if activation is not None and not (isinstance(activation, str) and activation == "relu"):
+        raise ValueError(f"activation must be None or 'relu', got {activation!r}")
+    return activation
+
+
 def check_running_var_ddof(ddof: object) -> int:
     """``running_var_ddof``: 0 (biased) or 1 (unbiased), with ``bnorm.forward``'s errors:
     TypeError for what is not an integer, ValueError for other integers.  As in the C (and

@@ -63,6 +63,10 @@ class BatchNorm:
         The variance folded into ``running_var``: 0 the biased batch variance (the post, Keras,
         Flax), 1 the unbiased one, ``var * M / (M - 1)`` for ``M`` values per feature
         (PyTorch).  Normalization always uses the biased variance.
+    activation : None or "relu", default None
+        ``"relu"``: the layer is batch norm followed by a ReLU, fused: ``forward`` writes
+        ``max(0, bn(x))`` in the same pass and ``backward`` recomputes the ReLU's mask from
+        ``x`` (nothing more is saved).
 
     Attributes
     ----------
@@ -107,7 +111,7 @@ class BatchNorm:
     def __init__(self, num_features: int | tuple[int, ...], *, axis: Axis = -1,
                  eps: float = 1e-8, momentum: float | None = 0.9, affine: bool = True,
                  dtype: DTypeLike = np.float32, track_running_stats: bool = True,
-                 running_var_ddof: int = 0) -> None:
+                 running_var_ddof: int = 0, activation: str | None = None) -> None:
         self.num_features = _checks.feature_shape(num_features)
         self.axis = _checks.axis_spec(axis)
         _checks.check_axis_count(self.axis, self.num_features)
@@ -117,6 +121,7 @@ class BatchNorm:
         self.dtype = _checks.check_layer_dtype(dtype)
         self.track_running_stats = _checks.check_flag("track_running_stats", track_running_stats)
         self.running_var_ddof = _checks.check_running_var_ddof(running_var_ddof)
+        self.activation = _checks.check_activation(activation)
 
         F = self.num_features
         tracked = self.track_running_stats
@@ -127,8 +132,9 @@ class BatchNorm:
         self.num_batches_tracked = 0 if tracked else None
         self.dgamma = None
         self.dbeta = None
-        # (x, mean, rstd, gamma, training) of the last forward
-        self._saved: tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray | None, bool] | None
+        # (x, mean, rstd, gamma, beta, training) of the last forward
+        self._saved: tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray | None,
+                           np.ndarray | None, bool] | None
         self._saved = None
 
     # ------------------------------------------------------------------ forward / backward
@@ -154,12 +160,14 @@ class BatchNorm:
                                  running_var=self.running_var,
                                  momentum=_checks.step_momentum(self.momentum,
                                                                 self.num_batches_tracked or 0),
-                                 running_var_ddof=self.running_var_ddof)
+                                 running_var_ddof=self.running_var_ddof,
+                                 activation=self.activation)
         if updates_running:
             self.num_batches_tracked = (self.num_batches_tracked or 0) + 1
-        # gamma is saved by reference too: backward needs the gamma this forward used.  An optimizer
-        # updating gamma in place before backward would change it (as in the post's layer).
-        self._saved = (x, mean, rstd, gamma, uses_batch_stats)
+        # gamma (and beta, for a fused ReLU's mask) are saved by reference too: backward needs the
+        # ones this forward used.  An optimizer updating them in place before backward would
+        # change them (as in the post's layer).
+        self._saved = (x, mean, rstd, gamma, beta, uses_batch_stats)
         return y
 
     __call__ = forward
@@ -173,9 +181,10 @@ class BatchNorm:
         """
         if self._saved is None:
             raise RuntimeError("BatchNorm.backward called before forward: there is no saved input")
-        x, mean, rstd, gamma, training = self._saved
+        x, mean, rstd, gamma, beta, training = self._saved
         dy = _checks.check_dy(dy, x)
-        dx, dgamma, dbeta = _backward(dy, x, mean, rstd, gamma, axis=self.axis, training=training)
+        dx, dgamma, dbeta = _backward(dy, x, mean, rstd, gamma, axis=self.axis, training=training,
+                                      beta=beta, activation=self.activation)
         if self.affine:
             self.dgamma = dgamma.astype(self.dtype, copy=False)
             self.dbeta = dbeta.astype(self.dtype, copy=False)
@@ -301,7 +310,8 @@ class BatchNorm:
         return (f"axis={self.axis!r}, eps={self.eps!r}, momentum={self.momentum!r}, "
                 f"affine={self.affine!r}, dtype={self.dtype.name}, "
                 f"track_running_stats={self.track_running_stats!r}, "
-                f"running_var_ddof={self.running_var_ddof!r}")
+                f"running_var_ddof={self.running_var_ddof!r}"
+                + (f", activation={self.activation!r}" if self.activation else ""))
 
     def _num_features_repr(self) -> str:
         nf = self.num_features

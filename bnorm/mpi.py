@@ -48,6 +48,7 @@ import numpy as np
 from numpy.typing import ArrayLike, DTypeLike, NDArray
 
 from . import _checks
+from . import backward as _backward
 from ._checks import Axis, FloatArray
 from .layer import _BUFFERS, BatchNorm, _torch_layer_args
 from .phases import backward_apply, backward_sums, batch_stats, normalize
@@ -163,8 +164,9 @@ class SyncBatchNorm(BatchNorm):
     """``bnorm.BatchNorm`` over a batch split across the ranks of an MPI communicator.
 
     ``SyncBatchNorm(comm, num_features, *, axis=-1, eps=1e-8, momentum=0.9, affine=True,
-    dtype=np.float32, track_running_stats=True, running_var_ddof=0)``: ``comm`` is an mpi4py
-    intracommunicator (``MPI.COMM_WORLD`` or a sub-communicator: a process group); the other
+    dtype=np.float32, track_running_stats=True, running_var_ddof=0, activation=None)``: ``comm``
+    is an mpi4py intracommunicator (``MPI.COMM_WORLD`` or a sub-communicator: a process group);
+    the other
     arguments, the attributes (``gamma``, ``beta``, ``running_mean``, ``running_var``,
     ``num_batches_tracked``, ``dgamma``, ``dbeta``) and ``state_dict`` / ``load_state_dict``
     are ``BatchNorm``'s, with the *global* batch in place of the batch: ``momentum=None``
@@ -192,20 +194,21 @@ class SyncBatchNorm(BatchNorm):
     def __init__(self, comm: MPI.Comm, num_features: int | tuple[int, ...], *,
                  axis: Axis = -1, eps: float = 1e-8, momentum: float | None = 0.9,
                  affine: bool = True, dtype: DTypeLike = np.float32,
-                 track_running_stats: bool = True, running_var_ddof: int = 0) -> None:
+                 track_running_stats: bool = True, running_var_ddof: int = 0,
+                 activation: str | None = None) -> None:
         if not all(hasattr(comm, m) for m in ("Allreduce", "Get_size")):
             raise TypeError(f"comm must be an mpi4py communicator, got {type(comm).__name__}")
         super().__init__(num_features, axis=axis, eps=eps, momentum=momentum, affine=affine,
                          dtype=dtype, track_running_stats=track_running_stats,
-                         running_var_ddof=running_var_ddof)
+                         running_var_ddof=running_var_ddof, activation=activation)
         self.comm = comm
         nf = int(np.prod(self.num_features))
         self._fwd_bufs = (np.empty(_FWD_HEADER + 2 * nf), np.empty(_FWD_HEADER + 2 * nf))
         self._bwd_bufs = (np.empty(_BWD_HEADER + 2 * nf), np.empty(_BWD_HEADER + 2 * nf))
         self._shift = np.zeros(self.num_features)   # the last training step's global mean
-        # (x, mean, rstd, gamma, training, count) of the last forward
-        self._ctx: (tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray | None, bool, int | None]
-                    | None) = None
+        # (x, mean, rstd, gamma, beta, training, count) of the last forward
+        self._ctx: (tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray | None,
+                          np.ndarray | None, bool, int | None] | None) = None
 
     # ------------------------------------------------------------------ forward / backward
     def forward(self, x: ArrayLike, training: bool = True) -> FloatArray:
@@ -263,8 +266,8 @@ class SyncBatchNorm(BatchNorm):
                              f"{x.shape} on this rank, feature shape {F})")
         var = m2 / n
         rstd = 1.0 / np.sqrt(var + self.eps)
-        gamma = self.gamma
-        y = normalize(x, mean, rstd, gamma, self.beta, axis=self.axis)
+        gamma, beta = self.gamma, self.beta
+        y = normalize(x, mean, rstd, gamma, beta, axis=self.axis, activation=self.activation)
         if updates_running:
             assert self.running_mean is not None and self.running_var is not None   # for mypy
             _checks.update_running_averages(momentum, [
@@ -272,7 +275,7 @@ class SyncBatchNorm(BatchNorm):
                 ("layer.running_var", self.running_var, m2 / (n - ddof))])
             self.num_batches_tracked = (self.num_batches_tracked or 0) + 1
         self._shift = np.where(np.isfinite(mean), mean, 0.0)
-        self._ctx = (x, mean, rstd, gamma, True, n)
+        self._ctx = (x, mean, rstd, gamma, beta, True, n)
         return y
 
     def _forward_eval(self, x: ArrayLike) -> FloatArray:
@@ -283,9 +286,9 @@ class SyncBatchNorm(BatchNorm):
         assert self.running_mean is not None and self.running_var is not None   # tracked
         mean = self.running_mean.astype(np.float64)
         rstd = 1.0 / np.sqrt(self.running_var.astype(np.float64) + self.eps)
-        gamma = self.gamma
-        y = normalize(x, mean, rstd, gamma, self.beta, axis=self.axis)
-        self._ctx = (x, mean, rstd, gamma, False, None)
+        gamma, beta = self.gamma, self.beta
+        y = normalize(x, mean, rstd, gamma, beta, axis=self.axis, activation=self.activation)
+        self._ctx = (x, mean, rstd, gamma, beta, False, None)
         return y
 
     def backward(self, dy: ArrayLike) -> FloatArray:
@@ -303,10 +306,12 @@ class SyncBatchNorm(BatchNorm):
             if ctx is None:
                 raise RuntimeError("SyncBatchNorm.backward called before forward: there is no "
                                    "saved input")
-            x, mean, rstd, gamma, training, n = ctx
+            x, mean, rstd, gamma, beta, training, n = ctx
             dy = _checks.check_dy(dy, x)
             if training or self.affine:
-                sum_dy, sum_dy_xmu = backward_sums(dy, x, mean, axis=self.axis)
+                sum_dy, sum_dy_xmu = backward_sums(dy, x, mean, axis=self.axis, rstd=rstd,
+                                                   gamma=gamma, beta=beta,
+                                                   activation=self.activation)
                 send[_BWD_HEADER:_BWD_HEADER + nf] = sum_dy.reshape(-1)
                 send[_BWD_HEADER + nf:] = sum_dy_xmu.reshape(-1)
             else:
@@ -331,10 +336,11 @@ class SyncBatchNorm(BatchNorm):
         sum_dy_xmu = recv[_BWD_HEADER + nf:].reshape(F).copy()
         if training:
             assert n is not None   # for mypy: a training forward saved its global count
-            dx = backward_apply(dy, x, mean, rstd, sum_dy, sum_dy_xmu, n, gamma, axis=self.axis)
-        else:   # constant statistics: dx = gamma * rstd * dy
-            dx = normalize(np.asarray(dy, dtype=x.dtype), np.zeros(F), rstd, gamma, None,
-                           axis=self.axis)
+            dx = backward_apply(dy, x, mean, rstd, sum_dy, sum_dy_xmu, n, gamma, axis=self.axis,
+                                beta=beta, activation=self.activation)
+        else:   # constant statistics: dx = gamma * rstd * dy (through the ReLU's mask), local
+            dx = _backward(dy, x, mean, rstd, gamma, axis=self.axis, training=False, beta=beta,
+                           activation=self.activation)[0]
         if self.affine:
             self.dgamma = (rstd * sum_dy_xmu).astype(self.dtype)
             self.dbeta = sum_dy.astype(self.dtype)

@@ -178,6 +178,20 @@ int bn_to_ddof(PyObject *obj, void *local, const char *name)
     return 0;
 }
 
+int bn_to_activation(PyObject *obj, void *local, const char *name)
+{
+    if (obj == Py_None) {
+        *(int *)local = 0;
+        return 0;
+    }
+    if (PyUnicode_Check(obj) && PyUnicode_CompareWithASCIIString(obj, "relu") == 0) {
+        *(int *)local = 1;
+        return 0;
+    }
+    PyErr_Format(PyExc_ValueError, "bnorm: %s must be None or 'relu', got %R", name, obj);
+    return -1;
+}
+
 int bn_to_count(PyObject *obj, void *local, const char *name)
 {
     double *v = local;

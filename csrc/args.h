@@ -73,6 +73,8 @@ int bn_to_bool(PyObject *obj, void *local, const char *name);
 int bn_to_eps(PyObject *obj, void *local, const char *name);
 int bn_to_momentum(PyObject *obj, void *local, const char *name);
 int bn_to_ddof(PyObject *obj, void *local, const char *name);
+/* an activation fused after the normalization: None (0) or "relu" (1) */
+int bn_to_activation(PyObject *obj, void *local, const char *name);
 int bn_to_count(PyObject *obj, void *local, const char *name);
 
 /* ---- arrays ---- */

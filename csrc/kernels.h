@@ -37,9 +37,15 @@ typedef struct {
  * far from zero; the mean's low bits, which the dtype cannot hold, are folded into offset. */
 typedef struct {
     const void *shift, *scale, *offset, *dyscale;
+    /* the forward's scale and offset, for the backward of a fused ReLU: its mask is
+     * (x - shift) * act_scale + act_offset > 0, the pre-activation computed as forward did */
+    const void *act_scale, *act_offset;
     double *acc;
     npy_intp nfeat;
 } bn_coefs;
+
+/* What a pass reads and does, as flags of the kernels' shared bodies. */
+enum { BN_HAS_DY = 1, BN_RELU = 2 };
 
 typedef void (*bn_kernel)(const bn_block *block, const bn_coefs *coefs);
 
@@ -51,6 +57,9 @@ typedef struct {
     bn_kernel bwd_sums;  /* SUM0 += dy, SUM1 += dy * (x - shift), SUM2 += x - shift */
     bn_kernel normalize; /* out = (x - shift) * scale + offset */
     bn_kernel bwd_apply; /* out = (x - shift) * scale + offset + dy * dyscale */
+    /* with a ReLU after the normalization: normalize's out is max(0, out); the backward passes
+     * take dy as 0 where the forward's ReLU was not passed */
+    bn_kernel normalize_relu, bwd_sums_relu, bwd_apply_relu;
     void (*widen)(const char *src, double *dst, npy_intp n); /* n packed elements to float64 */
     size_t itemsize;      /* of an element as stored */
     size_t coef_itemsize; /* of bn_coefs' vectors: 4 (float) or 8 (double) */

@@ -25,6 +25,13 @@ static BN_INLINE void BN_NAME(store)(char *p, BN_C v)
     memcpy(p, &t, sizeof t);
 }
 
+/* Whether the forward's ReLU passed an element: its pre-activation, computed as the forward's
+ * normalize computes it, is > 0 (the ReLU's gradient at 0 is 0, as PyTorch's). */
+static BN_INLINE int BN_NAME(relu_passes)(BN_C x, BN_C shift, BN_C act_scale, BN_C act_offset)
+{
+    return (x - shift) * act_scale + act_offset > 0;
+}
+
 /* Whether a pass walks a block's batch rows (rows of n1 elements sharing their features) one
  * after another rather than a group of them side by side.  Side by side, a feature's sums or
  * coefficients are loaded once per group instead of once per row, which is what counts while the
@@ -46,15 +53,20 @@ static BN_INLINE int BN_NAME(rows_one_by_one)(const bn_block *b, npy_intp short_
 static BN_INLINE void BN_NAME(reduce_rows)(
     npy_intp rows, npy_intp n1, const char *x, npy_intp xs0, npy_intp xs1, const char *dy,
     npy_intp ds0, npy_intp ds1, npy_intp f, npy_intp fs1, const BN_C *restrict shift,
-    double *restrict sum0, double *restrict sum1, double *restrict sum2, const int has_dy)
+    const BN_C *restrict act_scale, const BN_C *restrict act_offset, double *restrict sum0,
+    double *restrict sum1, double *restrict sum2, const int flags)
 {
+    const int has_dy = flags & BN_HAS_DY, relu = flags & BN_RELU;
     for (npy_intp j = 0; j < n1; j++) {
         const npy_intp g = f + j * fs1;
         const double k = (double)shift[g];
         double s0 = 0, s1 = 0, s2 = 0;
         for (npy_intp r = 0; r < rows; r++) {
-            const double v = (double)BN_NAME(load)(x + r * xs0 + j * xs1) - k;
-            const double w = has_dy ? (double)BN_NAME(load)(dy + r * ds0 + j * ds1) : v;
+            const BN_C xv = BN_NAME(load)(x + r * xs0 + j * xs1);
+            const double v = (double)xv - k;
+            double w = has_dy ? (double)BN_NAME(load)(dy + r * ds0 + j * ds1) : v;
+            if (relu)
+                w = BN_NAME(relu_passes)(xv, shift[g], act_scale[g], act_offset[g]) ? w : 0;
             s0 += w;
             s1 += w * v;
             s2 += v;
@@ -79,9 +91,11 @@ static BN_INLINE void BN_NAME(reduce_rows)(
 static BN_INLINE void BN_NAME(reduce_body)(
     npy_intp n0, npy_intp n1, const char *x, npy_intp xs0, npy_intp xs1, const char *dy,
     npy_intp ds0, npy_intp ds1, npy_intp f0, npy_intp fs0, npy_intp fs1,
-    const BN_C *restrict shift, double *restrict sum0, double *restrict sum1,
-    double *restrict sum2, const int grouped, const int has_dy)
+    const BN_C *restrict shift, const BN_C *restrict act_scale, const BN_C *restrict act_offset,
+    double *restrict sum0, double *restrict sum1, double *restrict sum2, const int grouped,
+    const int flags)
 {
+    const int has_dy = flags & BN_HAS_DY, relu = flags & BN_RELU;
     if (fs1 != 0) {
         npy_intp i = 0;
         /* full groups apart, so that their row count is a constant */
@@ -89,23 +103,29 @@ static BN_INLINE void BN_NAME(reduce_body)(
         if (grouped)
             for (; i + group <= n0; i += group)
                 BN_NAME(reduce_rows)(group, n1, x + i * xs0, xs0, xs1, dy + i * ds0, ds0, ds1,
-                                     f0, fs1, shift, sum0, sum1, sum2, has_dy);
+                                     f0, fs1, shift, act_scale, act_offset, sum0, sum1, sum2,
+                                     flags);
         for (; i < n0; i++)
             BN_NAME(reduce_rows)(1, n1, x + i * xs0, xs0, xs1, dy + i * ds0, ds0, ds1,
-                                 f0 + i * fs0, fs1, shift, sum0, sum1, sum2, has_dy);
+                                 f0 + i * fs0, fs1, shift, act_scale, act_offset, sum0, sum1,
+                                 sum2, flags);
         return;
     }
     for (npy_intp i = 0; i < n0; i++) {
         const char *xrow = x + i * xs0, *dyrow = dy + i * ds0;
         const npy_intp f = f0 + i * fs0;
         const double k = (double)shift[f];
+        const BN_C kc = shift[f], as = relu ? act_scale[f] : 0, ao = relu ? act_offset[f] : 0;
         double lane0[BN_LANES] = {0}, lane1[BN_LANES] = {0}, lane2[BN_LANES] = {0};
         npy_intp j = 0;
         for (; j + BN_LANES <= n1; j += BN_LANES) {
 #pragma omp simd
             for (npy_intp l = 0; l < BN_LANES; l++) {
-                const double v = (double)BN_NAME(load)(xrow + (j + l) * xs1) - k;
-                const double w = has_dy ? (double)BN_NAME(load)(dyrow + (j + l) * ds1) : v;
+                const BN_C xv = BN_NAME(load)(xrow + (j + l) * xs1);
+                const double v = (double)xv - k;
+                double w = has_dy ? (double)BN_NAME(load)(dyrow + (j + l) * ds1) : v;
+                if (relu)
+                    w = BN_NAME(relu_passes)(xv, kc, as, ao) ? w : 0;
                 lane0[l] += w;
                 lane1[l] += w * v;
                 if (has_dy)
@@ -120,8 +140,11 @@ static BN_INLINE void BN_NAME(reduce_body)(
         }
         /* the tail apart, so that the lanes are indexed by constants only and stay in registers */
         for (; j < n1; j++) {
-            const double v = (double)BN_NAME(load)(xrow + j * xs1) - k;
-            const double w = has_dy ? (double)BN_NAME(load)(dyrow + j * ds1) : v;
+            const BN_C xv = BN_NAME(load)(xrow + j * xs1);
+            const double v = (double)xv - k;
+            double w = has_dy ? (double)BN_NAME(load)(dyrow + j * ds1) : v;
+            if (relu)
+                w = BN_NAME(relu_passes)(xv, kc, as, ao) ? w : 0;
             t0 += w;
             t1 += w * v;
             t2 += v;
@@ -133,9 +156,11 @@ static BN_INLINE void BN_NAME(reduce_body)(
     }
 }
 
-static BN_INLINE void BN_NAME(reduce)(const bn_block *b, const bn_coefs *c, const int has_dy)
+static BN_INLINE void BN_NAME(reduce)(const bn_block *b, const bn_coefs *c, const int flags)
 {
+    const int has_dy = flags & BN_HAS_DY;
     const BN_C *shift = (const BN_C *)c->shift;
+    const BN_C *act_scale = (const BN_C *)c->act_scale, *act_offset = (const BN_C *)c->act_offset;
     double *sum0 = c->acc, *sum1 = sum0 + c->nfeat, *sum2 = sum1 + c->nfeat;
     /* without dy, dy aliases x so that every pointer stays valid */
     const npy_intp op_dy = has_dy ? 1 : 0;
@@ -146,13 +171,14 @@ static BN_INLINE void BN_NAME(reduce)(const bn_block *b, const bn_coefs *c, cons
     const int grouped = b->fs0 == 0 && !BN_NAME(rows_one_by_one)(b, BN_SHORT_ROW_REDUCE);
     if (contiguous && b->fs1 == 1)
         BN_NAME(reduce_body)(b->n0, b->n1, x, xs0, isz, dy, ds0, isz, b->f0, b->fs0, 1, shift,
-                             sum0, sum1, sum2, grouped, has_dy);
+                             act_scale, act_offset, sum0, sum1, sum2, grouped, flags);
     else if (contiguous && b->fs1 == 0)
         BN_NAME(reduce_body)(b->n0, b->n1, x, xs0, isz, dy, ds0, isz, b->f0, b->fs0, 0, shift,
-                             sum0, sum1, sum2, grouped, has_dy);
+                             act_scale, act_offset, sum0, sum1, sum2, grouped, flags);
     else
         BN_NAME(reduce_body)(b->n0, b->n1, x, xs0, b->s1[0], dy, ds0, b->s1[op_dy], b->f0,
-                             b->fs0, b->fs1, shift, sum0, sum1, sum2, grouped, has_dy);
+                             b->fs0, b->fs1, shift, act_scale, act_offset, sum0, sum1, sum2,
+                             grouped, flags);
 }
 
 /* Elementwise: out = (x - shift) * scale + offset [+ dy * dyscale], in the data's
@@ -165,15 +191,19 @@ static BN_INLINE void BN_NAME(apply_tile)(
     npy_intp rows, npy_intp m, const char *x, npy_intp xs0, npy_intp xs1, const char *dy,
     npy_intp ds0, npy_intp ds1, char *out, npy_intp os0, npy_intp os1, npy_intp f, npy_intp fs1,
     const BN_C *restrict shift, const BN_C *restrict scale, const BN_C *restrict offset,
-    const BN_C *restrict dyscale, const int has_dy, const int stream)
+    const BN_C *restrict dyscale, const BN_C *restrict act_scale,
+    const BN_C *restrict act_offset, const int flags, const int stream)
 {
-    BN_C k[BN_LANES], s[BN_LANES], o[BN_LANES], d[BN_LANES];
+    const int has_dy = flags & BN_HAS_DY, relu = flags & BN_RELU;
+    BN_C k[BN_LANES], s[BN_LANES], o[BN_LANES], d[BN_LANES], as[BN_LANES], ao[BN_LANES];
     for (npy_intp l = 0; l < m; l++) {
         const npy_intp g = f + l * fs1;
         k[l] = shift[g];
         s[l] = scale[g];
         o[l] = offset[g];
         d[l] = has_dy ? dyscale[g] : 0;
+        as[l] = relu && has_dy ? act_scale[g] : 0;
+        ao[l] = relu && has_dy ? act_offset[g] : 0;
     }
     for (npy_intp r = 0; r < rows; r++) {
         /* the row's elements as stored, then converted: memory and conversion in loops of their
@@ -187,9 +217,16 @@ static BN_INLINE void BN_NAME(apply_tile)(
                 memcpy(&dyr[l], dy + r * ds0 + l * ds1, sizeof(BN_T));
 #pragma omp simd
         for (npy_intp l = 0; l < m; l++) {
-            v[l] = (BN_WIDEN(xr[l]) - k[l]) * s[l] + o[l];
-            if (has_dy)
-                v[l] += BN_WIDEN(dyr[l]) * d[l];
+            const BN_C xv = BN_WIDEN(xr[l]);
+            v[l] = (xv - k[l]) * s[l] + o[l];
+            if (has_dy) {
+                BN_C dyv = BN_WIDEN(dyr[l]);
+                if (relu) /* the forward's ReLU let this element through, or not */
+                    dyv = BN_NAME(relu_passes)(xv, k[l], as[l], ao[l]) ? dyv : 0;
+                v[l] += dyv * d[l];
+            } else if (relu) {
+                v[l] = v[l] < 0 ? 0 : v[l]; /* max(0, v), NaN kept */
+            }
             t[l] = BN_NARROW(v[l]);
         }
         char *orow = out + r * os0;
@@ -204,12 +241,13 @@ static BN_INLINE void BN_NAME(apply_tile)(
 static BN_INLINE void BN_NAME(apply_body)(
     npy_intp n0, npy_intp n1, const char *x, npy_intp xs0, npy_intp xs1, const char *dy,
     npy_intp ds0, npy_intp ds1, char *out, npy_intp os0, npy_intp os1, npy_intp f0, npy_intp fs0,
-    npy_intp fs1, const bn_coefs *c, const npy_intp group, const int has_dy, const int stream)
+    npy_intp fs1, const bn_coefs *c, const npy_intp group, const int flags, const int stream)
 {
     /* in locals: a store through out (a char *) would otherwise make GCC reload them */
     const BN_C *shift = (const BN_C *)c->shift, *scale = (const BN_C *)c->scale;
     const BN_C *offset = (const BN_C *)c->offset;
     const BN_C *dyscale = (const BN_C *)c->dyscale;
+    const BN_C *act_scale = (const BN_C *)c->act_scale, *act_offset = (const BN_C *)c->act_offset;
     /* the rows of a group share their coefficients: a group of them per tile */
     for (npy_intp i = 0; i < n0; i += group) {
         const npy_intp rows = n0 - i < group ? n0 - i : group;
@@ -221,11 +259,11 @@ static BN_INLINE void BN_NAME(apply_body)(
         for (; j + BN_LANES <= n1; j += BN_LANES)
             BN_NAME(apply_tile)(rows, BN_LANES, xrow + j * xs1, xs0, xs1, dyrow + j * ds1, ds0, ds1,
                                 orow + j * os1, os0, os1, frow + j * fs1, fs1, shift, scale,
-                                offset, dyscale, has_dy, stream);
+                                offset, dyscale, act_scale, act_offset, flags, stream);
         if (j < n1)
             BN_NAME(apply_tile)(rows, n1 - j, xrow + j * xs1, xs0, xs1, dyrow + j * ds1, ds0, ds1,
                                 orow + j * os1, os0, os1, frow + j * fs1, fs1, shift, scale,
-                                offset, dyscale, has_dy, stream);
+                                offset, dyscale, act_scale, act_offset, flags, stream);
     }
 }
 
@@ -246,8 +284,9 @@ static BN_INLINE int BN_NAME(streams_out)(const bn_block *b, const char *out, np
            out != b->ptr[op_out - 1] /* dy, or x again */;
 }
 
-static BN_INLINE void BN_NAME(apply)(const bn_block *b, const bn_coefs *c, const int has_dy)
+static BN_INLINE void BN_NAME(apply)(const bn_block *b, const bn_coefs *c, const int flags)
 {
+    const int has_dy = flags & BN_HAS_DY;
     const npy_intp op_dy = has_dy ? 1 : 0, op_out = has_dy ? 2 : 1;
     const char *x = b->ptr[0], *dy = b->ptr[op_dy];
     char *out = b->ptr[op_out];
@@ -268,14 +307,14 @@ static BN_INLINE void BN_NAME(apply)(const bn_block *b, const bn_coefs *c, const
     }
     if (contiguous && b->fs1 == 1)
         BN_NAME(apply_body)(b->n0, b->n1, x, b->s0[0], isz, dy, b->s0[op_dy], isz, out,
-                            b->s0[op_out], isz, b->f0, b->fs0, 1, c, group, has_dy, stream);
+                            b->s0[op_out], isz, b->f0, b->fs0, 1, c, group, flags, stream);
     else if (contiguous && b->fs1 == 0)
         BN_NAME(apply_body)(b->n0, b->n1, x, b->s0[0], isz, dy, b->s0[op_dy], isz, out,
-                            b->s0[op_out], isz, b->f0, b->fs0, 0, c, group, has_dy, stream);
+                            b->s0[op_out], isz, b->f0, b->fs0, 0, c, group, flags, stream);
     else
         BN_NAME(apply_body)(b->n0, b->n1, x, b->s0[0], b->s1[0], dy, b->s0[op_dy], b->s1[op_dy],
                             out, b->s0[op_out], b->s1[op_out], b->f0, b->fs0, b->fs1, c, group,
-                            has_dy, stream);
+                            flags, stream);
     if (stream)
         stream_fence();
 }
@@ -296,7 +335,12 @@ static BN_TARGET_ATTR void BN_NAME(stats)(const bn_block *b, const bn_coefs *c)
 
 static BN_TARGET_ATTR void BN_NAME(bwd_sums)(const bn_block *b, const bn_coefs *c)
 {
-    BN_NAME(reduce)(b, c, 1);
+    BN_NAME(reduce)(b, c, BN_HAS_DY);
+}
+
+static BN_TARGET_ATTR void BN_NAME(bwd_sums_relu)(const bn_block *b, const bn_coefs *c)
+{
+    BN_NAME(reduce)(b, c, BN_HAS_DY | BN_RELU);
 }
 
 static BN_TARGET_ATTR void BN_NAME(normalize)(const bn_block *b, const bn_coefs *c)
@@ -304,12 +348,23 @@ static BN_TARGET_ATTR void BN_NAME(normalize)(const bn_block *b, const bn_coefs 
     BN_NAME(apply)(b, c, 0);
 }
 
+static BN_TARGET_ATTR void BN_NAME(normalize_relu)(const bn_block *b, const bn_coefs *c)
+{
+    BN_NAME(apply)(b, c, BN_RELU);
+}
+
 static BN_TARGET_ATTR void BN_NAME(bwd_apply)(const bn_block *b, const bn_coefs *c)
 {
-    BN_NAME(apply)(b, c, 1);
+    BN_NAME(apply)(b, c, BN_HAS_DY);
+}
+
+static BN_TARGET_ATTR void BN_NAME(bwd_apply_relu)(const bn_block *b, const bn_coefs *c)
+{
+    BN_NAME(apply)(b, c, BN_HAS_DY | BN_RELU);
 }
 
 const bn_dtype_kernels BN_NAME(bn_kernels) = {
-    BN_NAME(stats), BN_NAME(bwd_sums), BN_NAME(normalize), BN_NAME(bwd_apply), BN_NAME(widen),
-    sizeof(BN_T),   sizeof(BN_C),
+    BN_NAME(stats),          BN_NAME(bwd_sums),       BN_NAME(normalize), BN_NAME(bwd_apply),
+    BN_NAME(normalize_relu), BN_NAME(bwd_sums_relu), BN_NAME(bwd_apply_relu), BN_NAME(widen),
+    sizeof(BN_T),            sizeof(BN_C),
 };

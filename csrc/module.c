@@ -168,7 +168,8 @@ static const char forward_doc[] =
     "data, so float32 input far from zero (``1e4 + randn``) is normalized to float32\n"
     "precision.\n"
     "``out``: an array of ``x``'s shape and dtype to write ``y`` into (``out=x`` works in\n"
-    "place).\n"
+    "place).  ``activation=\"relu\"``: ``y = max(0, bn(x))`` in the same pass (pass the same\n"
+    "``beta`` and ``activation`` to ``backward``); None: no activation.\n"
     "\n"
     "Errors (nothing is modified when one is raised): TypeError for non-float dtypes,\n"
     "AxisError for 0-d ``x`` or an axis out of range, ValueError for repeated axes, shapes\n"
@@ -183,6 +184,7 @@ typedef struct {
     PyObject *running_mean, *running_var;
     double momentum;
     int running_var_ddof;
+    int activation;
     PyObject *out;
 } forward_args;
 
@@ -198,6 +200,7 @@ static bn_spec forward_spec = {
         BN_PARAM(forward_args, running_var, "None", bn_to_object),
         BN_PARAM(forward_args, momentum, "0.9", bn_to_momentum),
         BN_PARAM(forward_args, running_var_ddof, "0", bn_to_ddof),
+        BN_PARAM(forward_args, activation, "None", bn_to_activation),
         BN_PARAM(forward_args, out, "None", bn_to_object),
     }, forward_doc};
 
@@ -247,7 +250,8 @@ static PyObject *bn_forward(PyObject *self, PyObject *const *args, Py_ssize_t na
         if (!new_rvar)
             goto done;
     }
-    RUN_WITHOUT_GIL(failed, bn_step_rstd(core, a.eps) < 0 || bn_step_normalize(core) < 0);
+    RUN_WITHOUT_GIL(failed,
+                    bn_step_rstd(core, a.eps) < 0 || bn_step_normalize(core, a.activation) < 0);
     if (failed)
         goto done;
     mean = feature_array(&c.core.L, c.stats_type_num, s->mean);
@@ -283,11 +287,17 @@ static const char backward_doc[] =
     "of the other float dtype is cast to ``x``'s.  In training mode ``mean`` is taken to be the\n"
     "batch mean of ``x``: the small residual between it and the exact batch mean (a float32\n"
     "``mean`` is rounded) is recomputed in float64, so gradients stay float32-accurate for\n"
-    "data far from zero.  ``out`` as in ``forward`` (``out=dy`` works in place).";
+    "data far from zero.  ``out`` as in ``forward`` (``out=dy`` works in place).\n"
+    "\n"
+    "``activation=\"relu\"`` (with the ``beta`` forward got): the gradient through the fused\n"
+    "ReLU, whose mask is recomputed from ``x``, ``mean``, ``rstd``, ``gamma`` and ``beta``\n"
+    "(nothing was saved); ``beta`` is read only then.";
 
 typedef struct {
     PyObject *dy, *x, *mean, *rstd, *gamma, *axis;
     int training;
+    PyObject *beta;
+    int activation;
     PyObject *out;
 } backward_args;
 
@@ -300,6 +310,8 @@ static bn_spec backward_spec = {
         BN_PARAM(backward_args, gamma, "None", bn_to_object),
         BN_PARAM(backward_args, axis, "-1", bn_to_object),
         BN_PARAM(backward_args, training, "True", bn_to_bool),
+        BN_PARAM(backward_args, beta, "None", bn_to_object),
+        BN_PARAM(backward_args, activation, "None", bn_to_activation),
         BN_PARAM(backward_args, out, "None", bn_to_object),
     }, backward_doc};
 
@@ -319,10 +331,12 @@ static PyObject *bn_backward(PyObject *self, PyObject *const *args, Py_ssize_t n
         required_per_feature(a.mean, "mean", &core->L, 0, s->mean) < 0 ||
         required_per_feature(a.rstd, "rstd", &core->L, 0, s->rstd) < 0 ||
         per_feature(a.gamma, "gamma", &core->L, 0, 1.0, s->gamma, &gamma) < 0 ||
+        per_feature(a.beta, "beta", &core->L, 0, 0.0, s->beta, NULL) < 0 ||
         call_out(&c, a.out) < 0)
         goto done;
-    RUN_WITHOUT_GIL(failed, bn_step_bwd_sums(core, a.training) < 0 ||
-                                bn_step_bwd_apply(core, (double)core->L.m, a.training) < 0);
+    RUN_WITHOUT_GIL(failed,
+                    bn_step_bwd_sums(core, a.training, a.activation) < 0 ||
+                        bn_step_bwd_apply(core, (double)core->L.m, a.training, a.activation) < 0);
     if (failed)
         goto done;
     /* dgamma = rstd * sum(dy * (x - mean)), dbeta = sum(dy) */
@@ -399,11 +413,13 @@ static const char normalize_doc[] =
     "``y = (x - mean) * rstd * gamma + beta`` with given per-feature ``mean`` and ``rstd``.\n"
     "\n"
     "``mean`` may be float64 even for float32 ``x``: its low bits are kept (``y`` is formed as\n"
-    "``(x - round(mean)) * scale + (beta - residual * scale)``).  ``out`` as in\n"
-    "``bnorm.forward``.";
+    "``(x - round(mean)) * scale + (beta - residual * scale)``).  ``out`` and\n"
+    "``activation`` as in ``bnorm.forward``.";
 
 typedef struct {
-    PyObject *x, *mean, *rstd, *gamma, *beta, *axis, *out;
+    PyObject *x, *mean, *rstd, *gamma, *beta, *axis;
+    int activation;
+    PyObject *out;
 } normalize_args;
 
 static bn_spec normalize_spec = {
@@ -414,6 +430,7 @@ static bn_spec normalize_spec = {
         BN_PARAM(normalize_args, gamma, "None", bn_to_object),
         BN_PARAM(normalize_args, beta, "None", bn_to_object),
         BN_PARAM(normalize_args, axis, "-1", bn_to_object),
+        BN_PARAM(normalize_args, activation, "None", bn_to_activation),
         BN_PARAM(normalize_args, out, "None", bn_to_object),
     }, normalize_doc};
 
@@ -434,7 +451,7 @@ static PyObject *bn_normalize(PyObject *self, PyObject *const *args, Py_ssize_t 
         per_feature(a.beta, "beta", &c.core.L, 0, 0.0, s->beta, NULL) < 0 ||
         call_out(&c, a.out) < 0)
         goto done;
-    RUN_WITHOUT_GIL(failed, bn_step_normalize(&c.core) < 0);
+    RUN_WITHOUT_GIL(failed, bn_step_normalize(&c.core, a.activation) < 0);
     if (!failed) {
         result = call_finish(&c);
         Py_XINCREF(result);
@@ -447,10 +464,13 @@ done:
 static const char backward_sums_doc[] =
     "Local gradient sums per feature, float64: ``(sum(dy), sum(dy * (x - mean)))``.\n"
     "\n"
-    "``mean`` is used as given (pass the global mean of a split batch).";
+    "``mean`` is used as given (pass the global mean of a split batch).  After a forward with\n"
+    "``activation=\"relu\"``, pass it here with that forward's ``rstd``, ``gamma`` and ``beta``:\n"
+    "the sums are of ``dy`` through the ReLU's mask.";
 
 typedef struct {
-    PyObject *dy, *x, *mean, *axis;
+    PyObject *dy, *x, *mean, *axis, *rstd, *gamma, *beta;
+    int activation;
 } backward_sums_args;
 
 static bn_spec backward_sums_spec = {
@@ -459,6 +479,10 @@ static bn_spec backward_sums_spec = {
         BN_PARAM(backward_sums_args, x, NULL, bn_to_object),
         BN_PARAM(backward_sums_args, mean, NULL, bn_to_object),
         BN_PARAM(backward_sums_args, axis, "-1", bn_to_object),
+        BN_PARAM(backward_sums_args, rstd, "None", bn_to_object),
+        BN_PARAM(backward_sums_args, gamma, "None", bn_to_object),
+        BN_PARAM(backward_sums_args, beta, "None", bn_to_object),
+        BN_PARAM(backward_sums_args, activation, "None", bn_to_activation),
     }, backward_sums_doc};
 
 static PyObject *bn_backward_sums(PyObject *self, PyObject *const *args, Py_ssize_t nargs,
@@ -470,10 +494,14 @@ static PyObject *bn_backward_sums(PyObject *self, PyObject *const *args, Py_ssiz
     call c = {0};
     PyObject *result = NULL;
     int failed;
+    bn_scratch *s = &c.core.s;
     if (call_data(&c, a.x, a.dy, a.axis) < 0 ||
-        required_per_feature(a.mean, "mean", &c.core.L, 0, c.core.s.mean) < 0)
+        required_per_feature(a.mean, "mean", &c.core.L, 0, s->mean) < 0 ||
+        (a.activation && (required_per_feature(a.rstd, "rstd", &c.core.L, 0, s->rstd) < 0 ||
+                          per_feature(a.gamma, "gamma", &c.core.L, 0, 1.0, s->gamma, NULL) < 0 ||
+                          per_feature(a.beta, "beta", &c.core.L, 0, 0.0, s->beta, NULL) < 0)))
         goto done;
-    RUN_WITHOUT_GIL(failed, bn_step_bwd_sums(&c.core, 0) < 0);
+    RUN_WITHOUT_GIL(failed, bn_step_bwd_sums(&c.core, 0, a.activation) < 0);
     if (failed)
         goto done;
     const bn_layout *L = &c.core.L;
@@ -492,12 +520,15 @@ static const char backward_apply_doc[] =
     "``dx`` of a training-mode batch norm from sums over the whole batch of ``count``\n"
     "elements per feature:\n"
     "``dx = gamma * rstd * (dy - sum_dy / count - xhat * rstd * sum_dy_xmu / count)`` with\n"
-    "``xhat = (x - mean) * rstd``.  ``out`` as in ``bnorm.backward``.";
+    "``xhat = (x - mean) * rstd``.  ``out``, ``beta`` and ``activation`` as in\n"
+    "``bnorm.backward`` (the sums then through the ReLU's mask, from ``backward_sums``).";
 
 typedef struct {
     PyObject *dy, *x, *mean, *rstd, *sum_dy, *sum_dy_xmu;
     double count;
-    PyObject *gamma, *axis, *out;
+    PyObject *gamma, *axis, *beta;
+    int activation;
+    PyObject *out;
 } backward_apply_args;
 
 static bn_spec backward_apply_spec = {
@@ -511,6 +542,8 @@ static bn_spec backward_apply_spec = {
         BN_PARAM(backward_apply_args, count, NULL, bn_to_count),
         BN_PARAM(backward_apply_args, gamma, "None", bn_to_object),
         BN_PARAM(backward_apply_args, axis, "-1", bn_to_object),
+        BN_PARAM(backward_apply_args, beta, "None", bn_to_object),
+        BN_PARAM(backward_apply_args, activation, "None", bn_to_activation),
         BN_PARAM(backward_apply_args, out, "None", bn_to_object),
     }, backward_apply_doc};
 
@@ -529,11 +562,12 @@ static PyObject *bn_backward_apply(PyObject *self, PyObject *const *args, Py_ssi
         required_per_feature(a.mean, "mean", L, 0, s->mean) < 0 ||
         required_per_feature(a.rstd, "rstd", L, 0, s->rstd) < 0 ||
         per_feature(a.gamma, "gamma", L, 0, 1.0, s->gamma, NULL) < 0 ||
+        per_feature(a.beta, "beta", L, 0, 0.0, s->beta, NULL) < 0 ||
         required_per_feature(a.sum_dy, "sum_dy", L, 1, s->acc) < 0 ||
         required_per_feature(a.sum_dy_xmu, "sum_dy_xmu", L, 1, s->acc + L->nfeat) < 0 ||
         call_out(&c, a.out) < 0)
         goto done;
-    RUN_WITHOUT_GIL(failed, bn_step_bwd_apply_given(&c.core, a.count) < 0);
+    RUN_WITHOUT_GIL(failed, bn_step_bwd_apply_given(&c.core, a.count, a.activation) < 0);
     if (!failed) {
         result = call_finish(&c);
         Py_XINCREF(result);

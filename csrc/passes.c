@@ -7,7 +7,7 @@
 int bn_scratch_alloc(bn_scratch *s, npy_intp nfeat, size_t itemsize)
 {
     const size_t n = (size_t)(nfeat ? nfeat : 1);
-    enum { NDOUBLES = 6 + BN_NACC, NTYPED = 4 };
+    enum { NDOUBLES = 6 + BN_NACC, NTYPED = 6 };
     s->block = calloc(n, NDOUBLES * sizeof(double) + NTYPED * itemsize);
     if (!s->block)
         return -1;
@@ -17,7 +17,7 @@ int bn_scratch_alloc(bn_scratch *s, npy_intp nfeat, size_t itemsize)
         *vectors[i] = d + i * n;
     s->acc = d + 6 * n;
     char *t = (char *)(d + NDOUBLES * n);
-    char **typed[] = {&s->shift, &s->scale, &s->offset, &s->dyscale};
+    char **typed[] = {&s->shift, &s->scale, &s->offset, &s->dyscale, &s->act_scale, &s->act_offset};
     for (size_t i = 0; i < NTYPED; i++)
         *typed[i] = t + i * n * itemsize;
     return 0;
@@ -102,34 +102,44 @@ int bn_step_rstd(bn_call *c, double eps)
     return 0;
 }
 
+/* normalize's coefficients, after split_mean: scale = rstd * gamma, offset = beta - resid * scale,
+ * in the coefficient type (the backward of a fused ReLU recomputes them to find its mask). */
+static void normalize_coefs(bn_call *c, char *scale, char *offset)
+{
+    const bn_scratch *s = &c->s;
+    const size_t isz = c->K->coef_itemsize;
+    for (npy_intp f = 0; f < c->L.nfeat; f++) {
+        bn_store_as(scale, f, s->rstd[f] * s->gamma[f], isz);
+        bn_store_as(offset, f, s->beta[f] - s->resid[f] * bn_load_as(scale, f, isz), isz);
+    }
+}
+
 /* As (x - shift) * scale + (beta - resid * scale): one subtraction and one fused multiply-add per
  * element. */
-int bn_step_normalize(bn_call *c)
+int bn_step_normalize(bn_call *c, int relu)
 {
     bn_scratch *s = &c->s;
-    const size_t isz = c->K->coef_itemsize;
     split_mean(c);
-    for (npy_intp f = 0; f < c->L.nfeat; f++) {
-        bn_store_as(s->scale, f, s->rstd[f] * s->gamma[f], isz);
-        const double scale = bn_load_as(s->scale, f, isz);
-        bn_store_as(s->offset, f, s->beta[f] - s->resid[f] * scale, isz);
-    }
+    normalize_coefs(c, s->scale, s->offset);
     const bn_coefs coefs = {.shift = s->shift, .scale = s->scale, .offset = s->offset,
                             .nfeat = c->L.nfeat};
     const bn_operand *ops[2] = {&c->x, &c->result};
-    return run_pass(c, c->K->normalize, &coefs, 2, ops);
+    return run_pass(c, relu ? c->K->normalize_relu : c->K->normalize, &coefs, 2, ops);
 }
 
 /* batch_mean: the low part of the mean is recomputed from the data, so the sums are exact even
  * when mean was rounded to float32. */
-int bn_step_bwd_sums(bn_call *c, int batch_mean)
+int bn_step_bwd_sums(bn_call *c, int batch_mean, int relu)
 {
     bn_scratch *s = &c->s;
     const npy_intp nf = c->L.nfeat;
     split_mean(c);
-    const bn_coefs sums = {.shift = s->shift, .acc = s->acc, .nfeat = nf};
+    if (relu)
+        normalize_coefs(c, s->act_scale, s->act_offset);
+    const bn_coefs sums = {.shift = s->shift, .act_scale = s->act_scale,
+                           .act_offset = s->act_offset, .acc = s->acc, .nfeat = nf};
     const bn_operand *ops[2] = {&c->x, &c->dy};
-    if (run_pass(c, c->K->bwd_sums, &sums, 2, ops) < 0)
+    if (run_pass(c, relu ? c->K->bwd_sums_relu : c->K->bwd_sums, &sums, 2, ops) < 0)
         return -1;
     double *sum_dy = s->acc, *sum_dyv = s->acc + nf, *sum_v = s->acc + 2 * nf;
     for (npy_intp f = 0; f < nf; f++) {
@@ -141,38 +151,44 @@ int bn_step_bwd_sums(bn_call *c, int batch_mean)
 }
 
 /* training: dx = gamma * rstd * (dy - sum_dy / count - xhat * rstd * sum_dy_xmu / count);
- * otherwise dx = gamma * rstd * dy. */
-int bn_step_bwd_apply(bn_call *c, double count, int training)
+ * otherwise dx = gamma * rstd * dy.  With relu, dy masked (the kernels recompute the mask). */
+int bn_step_bwd_apply(bn_call *c, double count, int training, int relu)
 {
     bn_scratch *s = &c->s;
     const npy_intp nf = c->L.nfeat;
     const size_t isz = c->K->coef_itemsize;
     const double *sum_dy = s->acc, *sum_dy_xmu = s->acc + nf;
+    /* dx = a * dy does not read x (without a ReLU's mask to find): the normalize pass over dy,
+     * with zero shift and offset */
+    const int dy_only = !training && !relu;
     for (npy_intp f = 0; f < nf; f++) {
         const double r = s->rstd[f], a = s->gamma[f] * r;
-        bn_store_as(s->scale, f, training ? -a * r * r * sum_dy_xmu[f] / count : a, isz);
+        bn_store_as(s->scale, f,
+                    training ? -a * r * r * sum_dy_xmu[f] / count : dy_only ? a : 0.0, isz);
         const double scale = bn_load_as(s->scale, f, isz);
         bn_store_as(s->offset, f, training ? -a * sum_dy[f] / count - s->resid[f] * scale : 0.0,
                     isz);
         bn_store_as(s->dyscale, f, a, isz);
-        if (!training)
+        if (dy_only)
             bn_store_as(s->shift, f, 0.0, isz);
     }
     const bn_coefs coefs = {.shift = s->shift, .scale = s->scale, .offset = s->offset,
-                            .dyscale = s->dyscale, .nfeat = nf};
-    if (training) {
-        const bn_operand *ops[3] = {&c->x, &c->dy, &c->result};
-        return run_pass(c, c->K->bwd_apply, &coefs, 3, ops);
+                            .dyscale = s->dyscale, .act_scale = s->act_scale,
+                            .act_offset = s->act_offset, .nfeat = nf};
+    if (dy_only) {
+        const bn_operand *ops[2] = {&c->dy, &c->result};
+        return run_pass(c, c->K->normalize, &coefs, 2, ops);
     }
-    /* dx = a * dy does not read x: the normalize pass over dy, with zero shift and offset */
-    const bn_operand *ops[2] = {&c->dy, &c->result};
-    return run_pass(c, c->K->normalize, &coefs, 2, ops);
+    const bn_operand *ops[3] = {&c->x, &c->dy, &c->result};
+    return run_pass(c, relu ? c->K->bwd_apply_relu : c->K->bwd_apply, &coefs, 3, ops);
 }
 
-int bn_step_bwd_apply_given(bn_call *c, double count)
+int bn_step_bwd_apply_given(bn_call *c, double count, int relu)
 {
     split_mean(c);
-    return bn_step_bwd_apply(c, count, 1);
+    if (relu)
+        normalize_coefs(c, c->s.act_scale, c->s.act_offset);
+    return bn_step_bwd_apply(c, count, 1, relu);
 }
 
 const double *bn_step_dgamma(bn_call *c)

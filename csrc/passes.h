@@ -34,6 +34,7 @@ typedef struct {
     double *resid; /* mean minus shift: the low part the coefficient type cannot hold */
     double *acc;   /* BN_NACC * nfeat reduction sums */
     char *shift, *scale, *offset, *dyscale; /* in the kernels' coefficient type */
+    char *act_scale, *act_offset; /* the forward's scale and offset, for a fused ReLU's mask */
     void *block;
 } bn_scratch;
 
@@ -73,17 +74,19 @@ int bn_step_stats(bn_call *c);
 void bn_step_m2(bn_call *c);
 /* s.rstd = 1 / sqrt(s.var + eps) (returns 0, to chain with the steps that can fail) */
 int bn_step_rstd(bn_call *c, double eps);
-/* result = (x - mean) * (rstd * gamma) + beta */
-int bn_step_normalize(bn_call *c);
+/* result = (x - mean) * (rstd * gamma) + beta, then max(0, result) with relu */
+int bn_step_normalize(bn_call *c, int relu);
 
 /* acc[0] = sum(dy), acc[1] = sum(dy * (x - mean)) per feature.  batch_mean: mean is x's own
- * batch mean (its low part is recomputed from the data); otherwise mean is taken as given. */
-int bn_step_bwd_sums(bn_call *c, int batch_mean);
+ * batch mean (its low part is recomputed from the data); otherwise mean is taken as given.
+ * relu: the forward had a fused ReLU, whose mask is applied to dy (recomputed from x, mean, rstd,
+ * gamma and beta as given, the forward's normalize coefficients kept for bn_step_bwd_apply). */
+int bn_step_bwd_sums(bn_call *c, int batch_mean, int relu);
 /* result = dx from the sums in acc, over count elements per feature (training), or
- * dx = gamma * rstd * dy (not training). */
-int bn_step_bwd_apply(bn_call *c, double count, int training);
+ * dx = gamma * rstd * dy (not training); relu as for bn_step_bwd_sums, which ran before. */
+int bn_step_bwd_apply(bn_call *c, double count, int training, int relu);
 /* bn_step_bwd_apply(training) with sums reduced elsewhere (across workers), mean as given. */
-int bn_step_bwd_apply_given(bn_call *c, double count);
+int bn_step_bwd_apply_given(bn_call *c, double count, int relu);
 /* dgamma per feature, rstd * sum(dy * (x - mean)), into s.var (free in backward); returns it. */
 const double *bn_step_dgamma(bn_call *c);
 

@@ -300,11 +300,12 @@ def test_layouts():
 
 
 def test_conventions():
-    """momentum=None, running_var_ddof=1 (M: the global count) and track_running_stats=False
-    (the eval step normalizes with the global batch too, a collective) give what BatchNorm gives
-    on the whole batch, on even, uneven and empty slices."""
+    """momentum=None, running_var_ddof=1 (M: the global count), track_running_stats=False
+    (the eval step normalizes with the global batch too, a collective) and the fused ReLU give
+    what BatchNorm gives on the whole batch, on even, uneven and empty slices."""
     variants = [dict(momentum=None, running_var_ddof=1), dict(running_var_ddof=1),
-                dict(track_running_stats=False), dict(track_running_stats=False, affine=False)]
+                dict(track_running_stats=False), dict(track_running_stats=False, affine=False),
+                dict(activation="relu"), dict(activation="relu", track_running_stats=False)]
     for dtype in (np.float32, np.float64):
         cases = list(layout_cases(dtype))
         for layer_kw in variants:
