@@ -4,7 +4,7 @@
 Run after installing bnorm (``pip install .``; add ``'.[bench]'`` for PyTorch and the plot)::
 
     python benchmarks/bench.py                 # full suite, a few minutes
-    python benchmarks/bench.py --quick         # float32, a few shapes, under a minute
+    python benchmarks/bench.py --quick         # float32 and half, a few shapes, about a minute
     python benchmarks/bench.py --threads 1 --markdown results.md --plot speedup.png
 
 Peers, timed in the same process on the same arrays:
@@ -17,6 +17,22 @@ Peers, timed in the same process on the same arrays:
   ``torch.channels_last``; design matrices are ``(N, C)``; the strided-view case is handed to
   torch as the strided view it is, so any copy torch makes is timed), with
   ``torch.set_num_threads(bnorm.get_num_threads())``.
+
+Half precision (float16, and bfloat16 when ml_dtypes is installed): mixed precision as in a
+training step, x and dy (and y, dx) half, gamma, beta and the running statistics float32 (mean and
+rstd come back float32, dgamma and dbeta float32).  The half rows have a table and a summary of
+their own, and their peers are:
+
+* ``bnorm`` and ``bnorm (out=)`` on the half arrays;
+* ``bnorm float32``: bnorm on the same values widened to float32 (same layout, a strided view of a
+  widened base for the view case); ``float32/bnorm`` is its time / the half time, what half
+  storage gains;
+* ``NumPy (post)``: the post's code on float16 arrays (it computes in float16, its sums included;
+  gamma and beta rounded to float16 by it).  Not for bfloat16 ("—"; NumPy has no bfloat16 of its
+  own).  Its float16 sums overflow or drift on the larger cases: where its results fail the
+  cross-check it is not timed (shown as "wrong", its errors listed under the table);
+* ``PyTorch``: ``batch_norm`` on a ``torch.float16`` / ``torch.bfloat16`` tensor (views of the
+  same buffers, laid out as for float32) with float32 weight, bias and running statistics.
 
 Operations (gamma and beta are per-feature arrays; training updates running statistics):
 
@@ -47,13 +63,24 @@ took 1.6 ms in one run and 3.5 ms in another.  The suite fixes glibc's threshold
 between calls: steadier timings, and the peers at their best.  bnorm does not depend on it (its
 outputs come from its own buffer cache).  ``--glibc-defaults`` leaves glibc as it is.
 
-Bandwidth: minimal bytes moved by a fused kernel, where ``B = x.size * itemsize``: training
-forward 3B (read x twice, write y), backward 5B (read x and dy twice, write dx), full step 8B,
-inference 2B (read x, write y).  ``copy GB/s`` is ``np.copyto`` between two contiguous arrays of
-x's size, timed in turns with each operation's contenders, counting 2B (read + write); NumPy's
-copy is single-threaded.
+Bandwidth: minimal bytes moved by a fused kernel, where ``B = x.size * itemsize`` (an itemsize
+of 2 for the half rows): training forward 3B (read x twice, write y), backward 5B (read x and dy
+twice, write dx), full step 8B, inference 2B (read x, write y).  ``copy GB/s`` is ``np.copyto``
+between two contiguous arrays of x's size (and dtype), timed in turns with each operation's
+contenders, counting 2B (read + write); NumPy's copy is single-threaded.
+
+Large cases: x of at least 8 MiB; for the half rows, the shapes whose float32 x is, so that a shape
+is large or small in every dtype.  ``--quick`` runs the float32 rows of five shapes and the half
+rows of two of them, one large (NHWC (8,112,112,32)) and one small (NC (256,1024)).
+
+Cross-check: before timing, each peer's y, dx, dgamma and dbeta are compared with bnorm's
+(float32, float64 rows: max error relative to the largest value, 1e-3 for float32) or, for a half
+row, with the post's code evaluated in float64 on the same half values (every peer, bnorm
+included, within HALF_ULPS epsilons of the half dtype, relative to the largest value; the post's
+float16 code within POST_HALF_ULPS).
 """
 import argparse
+import contextlib
 import ctypes
 import functools
 import gc
@@ -69,12 +96,24 @@ import numpy as np
 import bnorm
 from bnorm import reference
 
+try:
+    import ml_dtypes
+    BFLOAT16 = np.dtype(ml_dtypes.bfloat16)
+except ImportError:     # a bench/test extra, never required: no bfloat16 rows without it
+    BFLOAT16 = None
+
 OPS = ("fwd", "bwd", "step", "infer")
 OP_NAMES = {"fwd": "train fwd", "bwd": "train bwd", "step": "fwd+bwd", "infer": "infer fwd"}
 BYTES_PER_ELEM_PASS = {"fwd": 3, "bwd": 5, "step": 8, "infer": 2}
 EPS = 1e-8            # bnorm's and the post's default
 MOMENTUM = 0.9          # bnorm / post convention (weight of the old value); torch gets 1 - 0.9
-LARGE_BYTES = 8 << 20   # cases with x at least this big count as "large" in the summary
+LARGE_BYTES = 8 << 20   # cases with x at least this big count as "large" (half rows: see Large)
+HALF_NAMES = ("float16", "bfloat16")
+# cross-check tolerances of the half rows, in epsilons of the half dtype relative to the largest
+# value: the peers that compute in float32 are within 0.5 of the float64 result (rounding), the
+# post's code, which sums in float16, within 4 on 256 rows and beyond 40 on 4096
+HALF_ULPS = 4
+POST_HALF_ULPS = 8
 
 
 # --------------------------------------------------------------------------------------------
@@ -90,29 +129,50 @@ class Case:
     def __init__(self, name, group, shape, layout, dtype, view=None, seed=0):
         self.name, self.group, self.layout = name, group, layout
         self.dtype = np.dtype(dtype)
+        self.half = self.dtype.name in HALF_NAMES
+        # half rows: the values drawn in float32 (the same draws as the float32 row's) then
+        # rounded to half; gamma, beta and the running statistics stay float32
+        self.pdtype = np.dtype(np.float32) if self.half else self.dtype
         rng = np.random.default_rng(seed)
+        self.index = None
         if view is None:
             self.base = None
-            self.x = self._randn(rng, shape) * 2 + 0.5
+            self.x = self._randn(rng, shape, 2, 0.5)
         else:
-            base_shape, index = view
-            self.base = self._randn(rng, base_shape) * 2 + 0.5
-            self.x = self.base[index]
+            base_shape, self.index = view
+            self.base = self._randn(rng, base_shape, 2, 0.5)
+            self.x = self.base[self.index]
             assert self.x.shape == tuple(shape) and not self.x.flags.c_contiguous
         self.dy = self._randn(rng, shape)
         self.axis = 1 if layout == "nchw" else -1
         c = shape[self.axis]
-        self.gamma = (1 + 0.1 * self._randn(rng, (c,))).astype(self.dtype)
-        self.beta = (0.1 * self._randn(rng, (c,))).astype(self.dtype)
-        self.run_mean = (0.1 * self._randn(rng, (c,))).astype(self.dtype)
-        self.run_var = (1 + 0.1 * np.abs(self._randn(rng, (c,)))).astype(self.dtype)
+        pd = self.pdtype
+        self.gamma = (1 + 0.1 * rng.standard_normal((c,), dtype=pd)).astype(pd)
+        self.beta = (0.1 * rng.standard_normal((c,), dtype=pd)).astype(pd)
+        self.run_mean = (0.1 * rng.standard_normal((c,), dtype=pd)).astype(pd)
+        self.run_var = (1 + 0.1 * np.abs(rng.standard_normal((c,), dtype=pd))).astype(pd)
 
-    def _randn(self, rng, shape):
-        return rng.standard_normal(shape, dtype=self.dtype)
+    def _randn(self, rng, shape, scale=1, shift=0):
+        a = rng.standard_normal(shape, dtype=self.pdtype)
+        if scale != 1 or shift != 0:
+            a = a * scale + shift
+        return a.astype(self.dtype, copy=False)
+
+    def widened(self, dtype=np.float32):
+        """x and dy widened to dtype, laid out as x and dy are (x a view of a widened base)."""
+        if self.base is None:
+            x = self.x.astype(dtype)
+        else:
+            x = self.base.astype(dtype)[self.index]
+        return x, self.dy.astype(dtype)
 
     @property
     def nbytes(self):
         return self.x.size * self.x.itemsize
+
+    @property
+    def large(self):
+        return self.x.size * (4 if self.half else self.x.itemsize) >= LARGE_BYTES
 
     def stats(self):
         """Fresh copies of the running statistics (each peer updates its own in place)."""
@@ -123,17 +183,18 @@ def shape_str(shape):
     return "(" + ",".join(map(str, shape)) + ")"
 
 
+FULL, HALF = "full", "half"     # what --quick runs a case in: float32/float64 rows, half rows
 CASES = [
-    # name, group, shape, layout, view, in --quick
-    ("NHWC {}", "channels-last", (64, 56, 56, 64), "nhwc", None, False),
-    ("NHWC {}", "channels-last", (256, 14, 14, 256), "nhwc", None, False),
-    ("NHWC {}", "channels-last", (8, 112, 112, 32), "nhwc", None, True),
-    ("NCHW {} axis=1", "channels-first", (64, 64, 56, 56), "nchw", None, True),
-    ("NC {}", "design", (32, 64), "nc", None, True),
-    ("NC {}", "design", (256, 1024), "nc", None, True),
-    ("NC {}", "design", (4096, 1024), "nc", None, False),
+    # name, group, shape, layout, view, in --quick (float32 and/or half rows)
+    ("NHWC {}", "channels-last", (64, 56, 56, 64), "nhwc", None, ()),
+    ("NHWC {}", "channels-last", (256, 14, 14, 256), "nhwc", None, ()),
+    ("NHWC {}", "channels-last", (8, 112, 112, 32), "nhwc", None, (FULL, HALF)),
+    ("NCHW {} axis=1", "channels-first", (64, 64, 56, 56), "nchw", None, (FULL,)),
+    ("NC {}", "design", (32, 64), "nc", None, (FULL,)),
+    ("NC {}", "design", (256, 1024), "nc", None, (FULL, HALF)),
+    ("NC {}", "design", (4096, 1024), "nc", None, ()),
     ("NHWC view {} = x[:, ::2] of (64,112,56,64)", "strided view", (64, 56, 56, 64), "nhwc",
-     ((64, 112, 56, 64), (slice(None), slice(None, None, 2))), True),
+     ((64, 112, 56, 64), (slice(None), slice(None, None, 2))), (FULL,)),
 ]
 
 
@@ -141,21 +202,24 @@ def make_cases(quick, dtypes, only=None):
     """Case constructors (a case's arrays are built only when it runs, then freed); only: keep
     the cases whose name contains one of these strings."""
     for dtype in dtypes:
+        kind = HALF if np.dtype(dtype).name in HALF_NAMES else FULL
         for name, group, shape, layout, view, in_quick in CASES:
             full_name = name.format(shape_str(shape))
             if only and not any(o in full_name for o in only):
                 continue
-            if in_quick or not quick:
-                yield functools.partial(Case, name.format(shape_str(shape)), group, shape,
-                                        layout, dtype, view)
+            if kind in in_quick or not quick:
+                yield functools.partial(Case, full_name, group, shape, layout, dtype, view)
 
 
 # --------------------------------------------------------------------------------------------
 # peers: each returns {op: zero-argument callable} for a case, plus the outputs of one step for
 # the cross-check (y, dx, dgamma, dbeta as NumPy arrays in x's layout)
 
-def bnorm_ops(case, use_out=False):
+def bnorm_ops(case, use_out=False, widen=False):
+    """widen: on x and dy widened to float32 (the "bnorm float32" peer of a half row)."""
     x, dy, g, b, ax = case.x, case.dy, case.gamma, case.beta, case.axis
+    if widen:
+        x, dy = case.widened()
     rm, rv = case.stats()
     im, iv = case.stats()
     fwd, bwd = bnorm.forward, bnorm.backward
@@ -215,20 +279,29 @@ def numpy_ops(case):
 
 def torch_ops(case, torch):
     F = torch.nn.functional
+    bf16 = case.dtype == BFLOAT16
+
+    def from_numpy(a):  # torch knows no ml_dtypes: bfloat16 goes through its bits
+        return torch.from_numpy(a.view(np.int16)).view(torch.bfloat16) if bf16 else \
+            torch.from_numpy(a)
+
+    def numpy_of(t):
+        t = t.detach()
+        return t.view(torch.int16).numpy().view(BFLOAT16) if t.dtype == torch.bfloat16 else \
+            t.numpy()
+
     if case.layout == "nhwc":
         def to_t(a):    # NHWC buffer -> NCHW view, channels_last (no copy when contiguous)
-            t = torch.from_numpy(a).permute(0, 3, 1, 2)
+            t = from_numpy(a).permute(0, 3, 1, 2)
             if a.flags.c_contiguous:
                 t = t.contiguous(memory_format=torch.channels_last)
             return t
 
         def to_np(t):
-            return t.detach().permute(0, 2, 3, 1).numpy()
+            return numpy_of(t.permute(0, 2, 3, 1))
     else:
-        to_t = torch.from_numpy
-
-        def to_np(t):
-            return t.detach().numpy()
+        to_t = from_numpy
+        to_np = numpy_of
     x = to_t(case.x)
     dy = to_t(case.dy)
     assert x.data_ptr() == case.x.ctypes.data and dy.data_ptr() == case.dy.ctypes.data
@@ -371,22 +444,57 @@ class LoadMonitor:
 # --------------------------------------------------------------------------------------------
 # cross-check: all peers compute the same thing on the same arrays
 
+OUTPUT_NAMES = ("y", "dx", "dgamma", "dbeta")
+
+
+def max_rel_err(a, r):
+    """Max |a - r| relative to r's largest magnitude (at least 1: dgamma, dbeta are sums of M
+    terms); a and r float64."""
+    scale = max(np.abs(r).max(), 1.0)
+    return np.abs(a - r).max() / scale if a.shape == r.shape else np.inf
+
+
 def check(case, outputs):
     """Compare each peer's (y, dx, dgamma, dbeta) with bnorm's; return a list of problems."""
-    names = ("y", "dx", "dgamma", "dbeta")
     ref_name, ref = next(iter(outputs.items()))
     ref = [np.asarray(a, np.float64) for a in ref]
     rtol = 1e-3 if case.dtype == np.float32 else 1e-9
     problems = []
     for peer, outs in list(outputs.items())[1:]:
-        for n, a, r in zip(names, outs, ref):
-            a = np.asarray(a, np.float64)
-            scale = max(np.abs(r).max(), 1.0)   # dgamma, dbeta are sums of M terms
-            err = np.abs(a - r).max() / scale if a.shape == r.shape else np.inf
+        for n, a, r in zip(OUTPUT_NAMES, outs, ref):
+            err = max_rel_err(np.asarray(a, np.float64), r)
             if not err <= rtol:
                 problems.append(f"{case.name} {case.dtype}: {peer} {n} differs from {ref_name} "
                                 f"(max rel err {err:.2g})")
     return problems
+
+
+def float64_step(case):
+    """(y, dx, dgamma, dbeta) of one training step, the post's code in float64 on the case's
+    values (half x and dy widened exactly, float32 gamma and beta): a half row's oracle."""
+    x, dy = case.widened(np.float64)
+    g, b = case.gamma.astype(np.float64), case.beta.astype(np.float64)
+    y, mean, rstd = reference.forward(x, g, b, axis=case.axis, eps=EPS)
+    return (y,) + reference.backward(dy, x, mean, rstd, g, axis=case.axis)
+
+
+def check_half(case, outputs):
+    """A half row: each peer's (y, dx, dgamma, dbeta) against float64_step, within HALF_ULPS
+    (the post's code: POST_HALF_ULPS) epsilons of the half dtype; returns {peer: problem} for
+    the peers that are off."""
+    ref = float64_step(case)
+    finfo = np.finfo if case.dtype == np.float16 else ml_dtypes.finfo
+    off = {}
+    for peer, outs in outputs.items():
+        ulps = POST_HALF_ULPS if peer == "NumPy (post)" else HALF_ULPS
+        rtol = ulps * float(finfo(case.dtype).eps)
+        errs = [(n, max_rel_err(np.asarray(a, np.float64), r))
+                for n, a, r in zip(OUTPUT_NAMES, outs, ref)]
+        bad = [f"{n} {err:.2g}" for n, err in errs if not err <= rtol]
+        if bad:
+            off[peer] = (f"{case.name} {case.dtype}: {peer} differs from float64, max rel err "
+                         f"{', '.join(bad)} (tolerance {rtol:.2g})")
+    return off
 
 
 # --------------------------------------------------------------------------------------------
@@ -410,24 +518,41 @@ def ratio(a, b):
 
 
 def time_case(case, args, torch):
-    """{op: {contender: seconds per call}} for one case, and the cross-check's problems."""
-    peers = {}
-    ops, outs = bnorm_ops(case)
-    peers["bnorm"] = ops
-    outputs = {"bnorm": outs}
-    if not args.no_out:
-        peers["bnorm (out=)"], outputs["bnorm (out=)"] = bnorm_ops(case, use_out=True)
-    peers["NumPy (post)"], outputs["NumPy (post)"] = numpy_ops(case)
-    if torch is not None:
-        peers["PyTorch"], outputs["PyTorch"] = torch_ops(case, torch)
-    problems = [] if args.no_check else check(case, {k: f() for k, f in outputs.items()})
-    copy = copy_op(case)
-    times = {}
-    for op in OPS:
-        fns = {name: ops[op] for name, ops in peers.items()}
-        fns["copy"] = copy
-        times[op] = measure(fns, args.budget, args.rounds)
-    return times, problems
+    """{op: {contender: seconds per call}} for one case, the cross-check's problems, and (half
+    rows) the post's code's errors where they keep it from being timed."""
+    # the post's float16 sums overflow on the larger cases (NumPy warns)
+    with np.errstate(over="ignore", invalid="ignore") if case.half else contextlib.nullcontext():
+        peers = {}
+        ops, outs = bnorm_ops(case)
+        peers["bnorm"] = ops
+        outputs = {"bnorm": outs}
+        if not args.no_out:
+            peers["bnorm (out=)"], outputs["bnorm (out=)"] = bnorm_ops(case, use_out=True)
+        if case.half:
+            peers["bnorm float32"], outputs["bnorm float32"] = bnorm_ops(case, widen=True)
+        if case.dtype != BFLOAT16:
+            peers["NumPy (post)"], outputs["NumPy (post)"] = numpy_ops(case)
+        if torch is not None:
+            peers["PyTorch"], outputs["PyTorch"] = torch_ops(case, torch)
+        problems, wrong = [], []
+        if not args.no_check:
+            results = {k: f() for k, f in outputs.items()}
+            if not case.half:
+                problems = check(case, results)
+            else:
+                off = check_half(case, results)
+                if "NumPy (post)" in off:
+                    wrong = [off.pop("NumPy (post)")]
+                    del peers["NumPy (post)"]
+                problems = list(off.values())
+            del results
+        copy = copy_op(case)
+        times = {}
+        for op in OPS:
+            fns = {name: ops[op] for name, ops in peers.items()}
+            fns["copy"] = copy
+            times[op] = measure(fns, args.budget, args.rounds)
+    return times, problems, wrong
 
 
 def time_case_when_quiet(case, label, args, torch, monitor):
@@ -436,14 +561,14 @@ def time_case_when_quiet(case, label, args, torch, monitor):
     for attempt in range(args.retries + 1):
         print(f"# {label} ...", end="", file=sys.stderr, flush=True)
         monitor.start()
-        times, problems = time_case(case, args, torch)
+        times, problems, wrong = time_case(case, args, torch)
         load = monitor.stop()
         print(f" other processes used {load:.2f} CPUs", file=sys.stderr, flush=True)
         if load <= args.max_load:
             break
         if attempt < args.retries:
             monitor.wait_quiet(args.max_load, timeout=60)
-    return times, problems, load
+    return times, problems, wrong, load
 
 
 def median_times(runs):
@@ -453,7 +578,8 @@ def median_times(runs):
 
 
 def case_rows(meta, times):
-    """Table rows of one case from its times; meta: the case's name, group, dtype and nbytes."""
+    """Table rows of one case from its times; meta: the case's name, group, dtype, nbytes,
+    whether it is large and a half row."""
     rows = []
     for op in OPS:
         t = times[op]
@@ -461,12 +587,17 @@ def case_rows(meta, times):
         tb = t["bnorm"]
         bw = BYTES_PER_ELEM_PASS[op] * meta["nbytes"] / tb / 1e9
         tout = t.get("bnorm (out=)")
+        tnp = t.get("NumPy (post)")
         rows.append({
             "case": meta["name"], "group": meta["group"], "dtype": meta["dtype"], "op": op,
-            "large": meta["nbytes"] >= LARGE_BYTES,
-            "bnorm": tb, "bnorm_out": tout, "numpy": t["NumPy (post)"],
-            "torch": t.get("PyTorch"),
-            "vs_numpy": ratio(t["NumPy (post)"], tb), "vs_torch": ratio(t.get("PyTorch"), tb),
+            "large": meta["large"], "half": meta["half"],
+            "bnorm": tb, "bnorm_out": tout, "numpy": tnp,
+            # a half row's NumPy cell when the post's code is not timed
+            "numpy_cell": None if tnp is not None else
+            "—" if meta["dtype"] == "bfloat16" else "wrong",
+            "f32": t.get("bnorm float32"), "torch": t.get("PyTorch"),
+            "vs_f32": ratio(t.get("bnorm float32"), tb),
+            "vs_numpy": ratio(tnp, tb), "vs_torch": ratio(t.get("PyTorch"), tb),
             "bw": bw, "copy_bw": copy_bw, "pct": 100 * bw / copy_bw,
             "pct_out": None if tout is None else
             100 * BYTES_PER_ELEM_PASS[op] * meta["nbytes"] / tout / 1e9 / copy_bw,
@@ -517,12 +648,17 @@ def header_lines(args, torch):
     ]
 
 
-def table(rows, show_out):
+def table(rows, show_out, half=False):
+    """The Markdown table; half: the half rows' (with the bnorm float32 columns)."""
     cols = ["case", "dtype", "op", "bnorm"]
     if show_out:
         cols.append("bnorm (out=)")
-    cols += ["NumPy (post)", "PyTorch", "NumPy/bnorm", "PyTorch/bnorm", "bnorm GB/s",
-             "copy GB/s", "% copy"]
+    if half:
+        cols.append("bnorm float32")
+    cols += ["NumPy (post)", "PyTorch"]
+    if half:
+        cols.append("float32/bnorm")
+    cols += ["NumPy/bnorm", "PyTorch/bnorm", "bnorm GB/s", "copy GB/s", "% copy"]
     if show_out:
         cols.append("% copy (out=)")
     lines = ["| " + " | ".join(cols) + " |",
@@ -531,7 +667,12 @@ def table(rows, show_out):
         cells = [r["case"], r["dtype"], OP_NAMES[r["op"]], fmt_time(r["bnorm"])]
         if show_out:
             cells.append(fmt_time(r["bnorm_out"]))
-        cells += [fmt_time(r["numpy"]), fmt_time(r["torch"]), fmt_ratio(r["vs_numpy"]),
+        if half:
+            cells.append(fmt_time(r["f32"]))
+        cells += [r["numpy_cell"] or fmt_time(r["numpy"]), fmt_time(r["torch"])]
+        if half:
+            cells.append(fmt_ratio(r["vs_f32"]))
+        cells += [r["numpy_cell"] or fmt_ratio(r["vs_numpy"]),
                   fmt_ratio(r["vs_torch"]), f"{r['bw']:.1f}", f"{r['copy_bw']:.1f}",
                   f"{r['pct']:.0f}%"]
         if show_out:
@@ -569,6 +710,44 @@ def summary(rows):
     return out
 
 
+def half_lines(rows, show_out, wrong):
+    """The half rows' introduction, table and summary; wrong: the post's code's errors where it
+    was not timed."""
+    def stat(sel, key):
+        vals = [r[key] for r in sel if r[key] is not None]
+        return "n/a" if not vals else f"{statistics.median(vals):.2f}x [{min(vals):.2f}x]"
+
+    out = ["Half precision (mixed: x, dy, y, dx half; gamma, beta, running statistics float32). "
+           "`bnorm float32`: bnorm on the same values widened to float32, `float32/bnorm` its "
+           "time / the half time; PyTorch in the same half dtype with float32 weight and bias; "
+           "the post's code in float16 only (— for bfloat16; `wrong` where its float16 sums "
+           "fail the cross-check, see below). Bandwidth with 2-byte elements.", ""]
+    out += table(rows, show_out, half=True) + [""]
+    out += ["Summary of the half rows: median [min] speed-up of bnorm's half full step (fwd+bwd) "
+            "over bnorm float32 and over PyTorch in the same dtype. Issue 14's targets, on 2 "
+            "threads: >= 1.6x over bnorm float32 on the large cases, >= 1.5x over PyTorch on "
+            "every case.", ""]
+    for dtype in dict.fromkeys(r["dtype"] for r in rows):
+        steps = [r for r in rows if r["dtype"] == dtype and r["op"] == "step"]
+        large = [r for r in steps if r["large"]]
+        out.append(f"- {dtype}, large cases (float32 x >= 8 MiB): vs bnorm float32 "
+                   f"{stat(large, 'vs_f32')}, vs PyTorch {stat(large, 'vs_torch')}; "
+                   f"every case: vs bnorm float32 {stat(steps, 'vs_f32')}, vs PyTorch "
+                   f"{stat(steps, 'vs_torch')}")
+    slower = [(r, who, v) for r in rows for who, v in (("vs bnorm float32", r["vs_f32"]),
+                                                        ("vs NumPy", r["vs_numpy"]),
+                                                        ("vs PyTorch", r["vs_torch"]))
+              if v is not None and v < 1]
+    steps = [f"{r['case']} {r['dtype']} ({who} {v:.2f}x)" for r, who, v in slower
+             if r["op"] == "step"]
+    out += ["", f"bnorm half slower than a peer: {len(slower)} times over all rows and peers; "
+            "full step: " + ("; ".join(steps) if steps else "none") + "."]
+    if wrong:
+        out += ["", "The post's code in float16, not timed where its results are off (its sums "
+                "are float16):"] + [f"- {s}" for s in wrong]
+    return out
+
+
 def plot(rows, path):
     import matplotlib
     matplotlib.use("Agg")
@@ -576,16 +755,19 @@ def plot(rows, path):
     import matplotlib.pyplot as plt
 
     ops = [op for op in OPS if any(r["op"] == op for r in rows)]
+    bars = [("vs_numpy", "NumPy (post) / bnorm"), ("vs_torch", "PyTorch / bnorm")]
+    if any(r["vs_f32"] is not None for r in rows):
+        bars.append(("vs_f32", "bnorm float32 / bnorm half"))
+    short = {"float32": "f32", "float64": "f64", "float16": "f16", "bfloat16": "bf16"}
     fig, axes = plt.subplots(len(ops), 1, figsize=(max(8, 0.55 * len(rows) / len(ops) + 3),
                                                    3.2 * len(ops)), squeeze=False)
     for ax, op in zip(axes[:, 0], ops):
         sel = [r for r in rows if r["op"] == op]
         pos = np.arange(len(sel))
-        w = 0.4
-        for k, (key, label) in enumerate((("vs_numpy", "NumPy (post) / bnorm"),
-                                          ("vs_torch", "PyTorch / bnorm"))):
+        w = 0.8 / len(bars)
+        for k, (key, label) in enumerate(bars):
             vals = [r[key] if r[key] is not None else np.nan for r in sel]
-            ax.bar(pos + (k - 0.5) * w, vals, w, label=label)
+            ax.bar(pos + (k - (len(bars) - 1) / 2) * w, vals, w, label=label)
         ax.axhline(1, color="k", lw=0.8)
         ax.set_yscale("log")
         ax.yaxis.set_major_formatter(matplotlib.ticker.FuncFormatter(lambda v, _: f"{v:g}x"))
@@ -593,12 +775,13 @@ def plot(rows, path):
         ax.set_ylabel("speed-up (>1: bnorm faster)")
         ax.set_title(OP_NAMES[op])
         ax.set_xticks(pos)
-        ax.set_xticklabels([f"{r['case'].split(' = ')[0]} f{r['dtype'][5:]}" for r in sel],
+        ax.set_xticklabels([f"{r['case'].split(' = ')[0]} {short.get(r['dtype'], r['dtype'])}"
+                            for r in sel],
                            rotation=30, ha="right", fontsize=7)
         ax.grid(axis="y", which="both", alpha=0.3)
     # one legend above the charts, where it hides no bar
     handles, labels = axes[0, 0].get_legend_handles_labels()
-    fig.legend(handles, labels, loc="upper center", ncol=2, fontsize=9)
+    fig.legend(handles, labels, loc="upper center", ncol=len(bars), fontsize=9)
     fig.tight_layout(rect=(0, 0, 1, 0.98))
     fig.savefig(path, dpi=120)
 
@@ -614,7 +797,7 @@ def import_torch():
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--quick", action="store_true",
-                   help="float32 and a few shapes only (under a minute)")
+                   help="float32 and half precision, a few shapes only (about a minute)")
     p.add_argument("--threads", type=int, help="threads for bnorm and torch")
     p.add_argument("--markdown", metavar="FILE", help="also write the table to FILE")
     p.add_argument("--plot", metavar="PNG", help="bar chart of the speed-ups (needs matplotlib)")
@@ -625,8 +808,8 @@ def main(argv=None):
     p.add_argument("--repeats", type=int, default=1,
                    help="run the suite this many times and report each time's median (a "
                    "machine's slow phases last longer than one case)")
-    p.add_argument("--dtype", choices=("float32", "float64"), action="append",
-                   help="restrict to this dtype (repeatable)")
+    p.add_argument("--dtype", choices=("float32", "float64") + HALF_NAMES, action="append",
+                   help="restrict to this dtype (repeatable; bfloat16 needs ml_dtypes)")
     p.add_argument("--case", action="append", metavar="TEXT",
                    help="only the cases whose name contains TEXT, e.g. 'NC (4096' (repeatable)")
     p.add_argument("--no-torch", action="store_true", help="skip PyTorch")
@@ -645,7 +828,11 @@ def main(argv=None):
         p.error("--rounds and --repeats must be at least 1")
     if args.budget is None:
         args.budget = 0.1 if args.quick else 0.3
-    dtypes = args.dtype or (["float32"] if args.quick else ["float32", "float64"])
+    halves = ["float16"] + (["bfloat16"] if BFLOAT16 is not None else [])
+    dtypes = args.dtype or (["float32"] if args.quick else ["float32", "float64"]) + halves
+    if "bfloat16" in dtypes and BFLOAT16 is None:
+        p.error("bfloat16 needs ml_dtypes (pip install ml_dtypes)")
+    dtypes = [BFLOAT16 if d == "bfloat16" else np.dtype(d) for d in dtypes]
 
     args.kept_memory = not args.glibc_defaults and keep_freed_memory()
     if args.threads is not None:
@@ -655,26 +842,32 @@ def main(argv=None):
         torch.set_num_threads(bnorm.get_num_threads())
 
     t0 = time.perf_counter()
-    runs, problems, busy = {}, [], []
+    runs, problems, wrong, busy = {}, [], [], []
     monitor = LoadMonitor()
     for repeat in range(args.repeats):
         for make in make_cases(args.quick, dtypes, args.case):
             case = make()
             label = f"{case.name} {case.dtype}" + \
                 (f" (run {repeat + 1}/{args.repeats})" if args.repeats > 1 else "")
-            times, pr, load = time_case_when_quiet(case, label, args, torch, monitor)
+            times, pr, wr, load = time_case_when_quiet(case, label, args, torch, monitor)
             if load > args.max_load:
                 busy.append(f"{label} ({load:.2f} CPUs)")
             meta = {"name": case.name, "group": case.group, "dtype": str(case.dtype),
-                    "nbytes": case.nbytes}
+                    "nbytes": case.nbytes, "large": case.large, "half": case.half}
             runs.setdefault((meta["name"], meta["dtype"]), (meta, []))[1].append(times)
             problems += [p for p in pr if p not in problems]
+            wrong += [w for w in wr if w not in wrong]
             del case
     rows = [row for meta, times in runs.values() for row in case_rows(meta, median_times(times))]
     elapsed = time.perf_counter() - t0
 
-    lines = header_lines(args, torch) + [""] + table(rows, not args.no_out) + [""] + \
-        summary(rows)
+    full = [r for r in rows if not r["half"]]
+    half = [r for r in rows if r["half"]]
+    lines = header_lines(args, torch)
+    if full:
+        lines += [""] + table(full, not args.no_out) + [""] + summary(full)
+    if half:
+        lines += [""] + half_lines(half, not args.no_out, wrong)
     if busy:
         lines += ["", f"**Other processes were busy (> {args.max_load} CPUs on average) while "
                   f"timing, even after {args.retries} retries; these rows are unreliable:** "
