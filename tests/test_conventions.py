@@ -17,7 +17,7 @@ import sys
 
 import numpy as np
 import pytest
-from helpers import (TOL32, TOL64, assert_close, assert_layer_unchanged, child_env,
+from helpers import (BNORM_PARENT, TOL32, TOL64, assert_close, assert_layer_unchanged, child_env,
                      layer_snapshot, mean_var, oracle_backward, oracle_forward)
 
 import bnorm
@@ -229,8 +229,9 @@ def test_import_bnorm_does_not_import_torch():
             "d = layer.torch_state_dict()\n"
             "assert 'torch' not in sys.modules, 'the layer imported torch'\n"
             "print('ok')\n")
+    # from the bnorm under test's parent: a source tree in the working directory would shadow it
     run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                         env=child_env(), timeout=120)
+                         env=child_env(), cwd=BNORM_PARENT, timeout=120)
     assert run.returncode == 0 and run.stdout.strip() == "ok", run.stderr
 
 
