@@ -17,8 +17,8 @@ import sys
 
 import numpy as np
 import pytest
-from helpers import (BNORM_PARENT, TOL32, TOL64, assert_close, assert_layer_unchanged, child_env,
-                     layer_snapshot, mean_var, oracle_backward, oracle_forward)
+from helpers import (BNORM_PARENT, TOL32, TOL64, assert_close, assert_layer_unchanged,
+                     child_env, layer_snapshot, mean_var, oracle_backward, oracle_forward)
 
 import bnorm
 
