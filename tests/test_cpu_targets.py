@@ -14,7 +14,7 @@ import textwrap
 
 import numpy as np
 import pytest
-from helpers import child_env
+from helpers import asan_loaded, child_env
 
 import bnorm
 from bnorm import _bnorm
@@ -124,6 +124,9 @@ def test_missing_target_falls_back():
     if BEST is not None and BEST < len(TARGETS) - 1:
         wrapper = ()
         fallback = TARGETS[BEST]
+    elif asan_loaded():
+        pytest.skip("valgrind cannot run a process with AddressSanitizer loaded (the plain run "
+                    "of the suite covers this)")
     elif shutil.which("valgrind"):
         wrapper = ("valgrind", "--tool=none", "-q")
         fallback = "x86-64-v3"
