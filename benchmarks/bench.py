@@ -34,6 +34,27 @@ their own, and their peers are:
 * ``PyTorch``: ``batch_norm`` on a ``torch.float16`` / ``torch.bfloat16`` tensor (views of the
   same buffers, laid out as for float32) with float32 weight, bias and running statistics.
 
+ReLU rows (issue 16): the training step (fwd+bwd) of batch norm followed by a ReLU, float32 and
+float64, on NHWC (64,56,56,64) and NCHW (64,64,56,56) axis=1 (``--quick``: NHWC (8,112,112,32)
+float32; ``--relu-cases all``: every case run, ``none``: no ReLU rows).  A table and a summary of
+their own, and their peers, each a forward + backward with fresh outputs:
+
+* ``bnorm fused``: ``bnorm.forward(..., activation="relu")`` and
+  ``bnorm.backward(..., beta=beta, activation="relu")`` (the mask recomputed from x);
+* ``bnorm + NumPy ReLU``: what a user writes without the fusion, ``y = np.maximum(bnorm.forward(
+  ...)[0], 0)`` and ``bnorm.backward(dy * (y > 0), ...)``;
+* ``NumPy (post) + ReLU``: the post's code (``bnorm.reference``) with the same ``np.maximum`` and
+  mask;
+* ``PyTorch``: ``torch.relu(F.batch_norm(...))`` then ``torch.autograd.grad`` with dy, the
+  tensors laid out as in the ``step`` rows.
+
+Their cross-check: bnorm fused against bnorm + NumPy ReLU bit for bit (y everywhere; dx, dgamma,
+dbeta in every feature without a pre-activation within rounding of zero, where the fused
+backward's recomputed mask may fall on the other side: those features within what their
+near-zero elements can change), and the other peers' y against bnorm's, their gradients against
+bnorm's unfused backward through the peer's own mask (``y > 0`` of its y), with the tolerances of
+the cross-check below.
+
 Operations (gamma and beta are per-feature arrays; training updates running statistics):
 
 * ``fwd``: training forward.  PyTorch runs with grad enabled (``x``, weight and bias require
@@ -71,7 +92,8 @@ contenders, counting 2B (read + write); NumPy's copy is single-threaded.
 
 Large cases: x of at least 8 MiB; for the half rows, the shapes whose float32 x is, so that a shape
 is large or small in every dtype.  ``--quick`` runs the float32 rows of five shapes and the half
-rows of two of them, one large (NHWC (8,112,112,32)) and one small (NC (256,1024)).
+rows of two of them, one large (NHWC (8,112,112,32)) and one small (NC (256,1024)), and the ReLU
+rows of NHWC (8,112,112,32) float32.
 
 Cross-check: before timing, each peer's y, dx, dgamma and dbeta are compared with bnorm's
 (float32, float64 rows: max error relative to the largest value, 1e-3 for float32) or, for a half
@@ -126,8 +148,9 @@ class Case:
     "nc" (design matrix (N, C), axis=-1).
     """
 
-    def __init__(self, name, group, shape, layout, dtype, view=None, seed=0):
+    def __init__(self, name, group, shape, layout, dtype, view=None, relu=False, seed=0):
         self.name, self.group, self.layout = name, group, layout
+        self.relu = relu    # also time the ReLU rows' step
         self.dtype = np.dtype(dtype)
         self.half = self.dtype.name in HALF_NAMES
         # half rows: the values drawn in float32 (the same draws as the float32 row's) then
@@ -184,31 +207,36 @@ def shape_str(shape):
 
 
 FULL, HALF = "full", "half"     # what --quick runs a case in: float32/float64 rows, half rows
+SUITE, QUICK = "suite", "quick"  # the runs in which a case has ReLU rows (float32/float64 only)
 CASES = [
-    # name, group, shape, layout, view, in --quick (float32 and/or half rows)
-    ("NHWC {}", "channels-last", (64, 56, 56, 64), "nhwc", None, ()),
-    ("NHWC {}", "channels-last", (256, 14, 14, 256), "nhwc", None, ()),
-    ("NHWC {}", "channels-last", (8, 112, 112, 32), "nhwc", None, (FULL, HALF)),
-    ("NCHW {} axis=1", "channels-first", (64, 64, 56, 56), "nchw", None, (FULL,)),
-    ("NC {}", "design", (32, 64), "nc", None, (FULL,)),
-    ("NC {}", "design", (256, 1024), "nc", None, (FULL, HALF)),
-    ("NC {}", "design", (4096, 1024), "nc", None, ()),
+    # name, group, shape, layout, view, in --quick (float32 and/or half rows), ReLU rows in
+    ("NHWC {}", "channels-last", (64, 56, 56, 64), "nhwc", None, (), (SUITE,)),
+    ("NHWC {}", "channels-last", (256, 14, 14, 256), "nhwc", None, (), ()),
+    ("NHWC {}", "channels-last", (8, 112, 112, 32), "nhwc", None, (FULL, HALF), (QUICK,)),
+    ("NCHW {} axis=1", "channels-first", (64, 64, 56, 56), "nchw", None, (FULL,), (SUITE,)),
+    ("NC {}", "design", (32, 64), "nc", None, (FULL,), ()),
+    ("NC {}", "design", (256, 1024), "nc", None, (FULL, HALF), ()),
+    ("NC {}", "design", (4096, 1024), "nc", None, (), ()),
     ("NHWC view {} = x[:, ::2] of (64,112,56,64)", "strided view", (64, 56, 56, 64), "nhwc",
-     ((64, 112, 56, 64), (slice(None), slice(None, None, 2))), (FULL,)),
+     ((64, 112, 56, 64), (slice(None), slice(None, None, 2))), (FULL,), ()),
 ]
 
 
-def make_cases(quick, dtypes, only=None):
+def make_cases(quick, dtypes, only=None, relu="default"):
     """Case constructors (a case's arrays are built only when it runs, then freed); only: keep
-    the cases whose name contains one of these strings."""
+    the cases whose name contains one of these strings; relu: which float32/float64 cases get
+    ReLU rows ("default": those of CASES for this run, "all", "none")."""
     for dtype in dtypes:
         kind = HALF if np.dtype(dtype).name in HALF_NAMES else FULL
-        for name, group, shape, layout, view, in_quick in CASES:
+        for name, group, shape, layout, view, in_quick, relu_in in CASES:
             full_name = name.format(shape_str(shape))
             if only and not any(o in full_name for o in only):
                 continue
             if kind in in_quick or not quick:
-                yield functools.partial(Case, full_name, group, shape, layout, dtype, view)
+                with_relu = kind == FULL and (relu == "all" or relu == "default" and
+                                              (QUICK if quick else SUITE) in relu_in)
+                yield functools.partial(Case, full_name, group, shape, layout, dtype, view,
+                                        with_relu)
 
 
 # --------------------------------------------------------------------------------------------
@@ -277,8 +305,9 @@ def numpy_ops(case):
     return {"fwd": f_fwd, "bwd": f_bwd, "step": f_step, "infer": f_infer}, f_step
 
 
-def torch_ops(case, torch):
-    F = torch.nn.functional
+def torch_layout(case, torch):
+    """(to_t, to_np): a case's NumPy array as the tensor torch gets (a view of the same buffer),
+    and a tensor back as a NumPy array in x's layout."""
     bf16 = case.dtype == BFLOAT16
 
     def from_numpy(a):  # torch knows no ml_dtypes: bfloat16 goes through its bits
@@ -302,6 +331,12 @@ def torch_ops(case, torch):
     else:
         to_t = from_numpy
         to_np = numpy_of
+    return to_t, to_np
+
+
+def torch_ops(case, torch):
+    F = torch.nn.functional
+    to_t, to_np = torch_layout(case, torch)
     x = to_t(case.x)
     dy = to_t(case.dy)
     assert x.data_ptr() == case.x.ctypes.data and dy.data_ptr() == case.dy.ctypes.data
@@ -335,6 +370,59 @@ def torch_ops(case, torch):
         return to_np(y), to_np(dx), dg.numpy(), db.numpy()
 
     return {"fwd": f_fwd, "bwd": f_bwd, "step": f_step, "infer": f_infer}, outputs
+
+
+RELU_PEERS = ("bnorm fused", "bnorm + NumPy ReLU", "NumPy (post) + ReLU", "PyTorch")
+
+
+def relu_ops(case, torch):
+    """The ReLU rows' peers: {peer: training step (fwd+bwd) of batch norm + ReLU}, and {peer:
+    callable giving one step's (y, dx, dgamma, dbeta) as NumPy arrays in x's layout}."""
+    x, dy, g, b, ax = case.x, case.dy, case.gamma, case.beta, case.axis
+    kw = dict(axis=ax, eps=EPS, momentum=MOMENTUM)
+    steps = {}
+
+    rm, rv = case.stats()
+
+    def fused():
+        y, m, r = bnorm.forward(x, g, b, running_mean=rm, running_var=rv, activation="relu",
+                                **kw)
+        return (y,) + bnorm.backward(dy, x, m, r, g, axis=ax, beta=b, activation="relu")
+    steps["bnorm fused"] = fused
+
+    def unfused(fwd, bwd):
+        rm, rv = case.stats()
+
+        def step():
+            y, m, r = fwd(x, g, b, running_mean=rm, running_var=rv, **kw)
+            y = np.maximum(y, 0)
+            return (y,) + bwd(dy * (y > 0), x, m, r, g, axis=ax)
+        return step
+    steps["bnorm + NumPy ReLU"] = unfused(bnorm.forward, bnorm.backward)
+    steps["NumPy (post) + ReLU"] = unfused(reference.forward, reference.backward)
+    outputs = dict(steps)
+
+    if torch is not None:
+        F = torch.nn.functional
+        to_t, to_np = torch_layout(case, torch)
+        tdy = to_t(case.dy)
+        xg = to_t(case.x).detach().requires_grad_()
+        gg = torch.from_numpy(case.gamma.copy()).requires_grad_()
+        bg = torch.from_numpy(case.beta.copy()).requires_grad_()
+        trm, trv = (torch.from_numpy(a) for a in case.stats())
+        inputs = (xg, gg, bg)
+
+        def torch_step():
+            y = torch.relu(F.batch_norm(xg, trm, trv, gg, bg, training=True,
+                                        momentum=1 - MOMENTUM, eps=EPS))
+            return (y,) + torch.autograd.grad(y, inputs, tdy)
+        steps["PyTorch"] = torch_step
+
+        def torch_outputs():
+            y, dx, dg, db = torch_step()
+            return to_np(y), to_np(dx), dg.numpy(), db.numpy()
+        outputs["PyTorch"] = torch_outputs
+    return steps, outputs
 
 
 def copy_op(case):
@@ -497,6 +585,80 @@ def check_half(case, outputs):
     return off
 
 
+def check_relu(case, outputs):
+    """The ReLU rows' cross-check (see the module's docstring): returns a line saying how bnorm
+    fused compares with bnorm + NumPy ReLU, and a list of problems."""
+    x, dy, g, b, ax = case.x, case.dy, case.gamma, case.beta, case.axis
+    rtol = 1e-3 if case.dtype == np.float32 else 1e-9
+    label = f"{case.name} {case.dtype}"
+    fused = outputs["bnorm fused"]
+    y0, mean, rstd = bnorm.forward(x, g, b, axis=ax, eps=EPS)     # the pre-activation
+    # per-feature arrays broadcast against x; the axes a feature's sums run over
+    shape = [n if a == ax % x.ndim else 1 for a, n in enumerate(x.shape)]
+    reduced = tuple(a for a in range(x.ndim) if a != ax % x.ndim)
+    f64 = functools.partial(np.asarray, dtype=np.float64)
+    scale = np.abs(f64(rstd) * f64(g)).reshape(shape)
+    xhat = (f64(x) - f64(mean).reshape(shape)) * f64(rstd).reshape(shape)
+    # within rounding of zero: a few units in the last place of the terms it is made of
+    terms = (np.abs(f64(x)) + np.abs(f64(mean)).reshape(shape)) * scale + \
+        np.abs(f64(b)).reshape(shape)
+    near = np.abs(f64(y0)) <= 8 * float(np.finfo(case.dtype).eps) * terms
+    del terms
+    n_near = int(near.sum())
+    clean = ~near.any(axis=reduced)                 # per feature
+    problems = []
+
+    # bnorm fused against bnorm + NumPy ReLU: to the bit, but in the features holding a near-zero
+    # pre-activation, where dgamma and dbeta may differ by those elements' terms and dx elsewhere
+    # through them
+    unf = outputs["bnorm + NumPy ReLU"]
+    if not np.array_equal(fused[0], unf[0]):
+        problems.append(f"{label}: bnorm fused y differs from bnorm + NumPy ReLU's")
+    clean_x = np.broadcast_to(clean.reshape(shape), x.shape)
+    if not np.array_equal(fused[1][clean_x], unf[1][clean_x]):
+        problems.append(f"{label}: bnorm fused dx differs from bnorm + NumPy ReLU's in a feature "
+                        "with no pre-activation within rounding of zero")
+    if n_near and max_rel_err(f64(fused[1])[~near], f64(unf[1])[~near]) > rtol:
+        problems.append(f"{label}: bnorm fused dx differs from bnorm + NumPy ReLU's")
+    abs_dy_near = np.where(near, np.abs(f64(dy)), 0)
+    for n, i, slack in (("dgamma", 2, (abs_dy_near * np.abs(xhat)).sum(axis=reduced)),
+                        ("dbeta", 3, abs_dy_near.sum(axis=reduced))):
+        a, r = f64(fused[i]).ravel(), f64(unf[i]).ravel()
+        if not np.array_equal(a[clean], r[clean]):
+            problems.append(f"{label}: bnorm fused {n} differs from bnorm + NumPy ReLU's in a "
+                            "feature with no pre-activation within rounding of zero")
+        if not np.all(np.abs(a - r) <= slack.ravel() + rtol * max(np.abs(r).max(), 1.0)):
+            problems.append(f"{label}: bnorm fused {n} differs from bnorm + NumPy ReLU's by "
+                            "more than its near-zero elements can make")
+    del abs_dy_near, xhat
+    differ = [n for n, a, r in zip(OUTPUT_NAMES, fused, unf) if not np.array_equal(a, r)]
+    note = (f"{label}: bnorm fused = bnorm + NumPy ReLU bit for bit" +
+            (f", but for {', '.join(differ)} in the features holding a pre-activation within "
+             "rounding of zero" if differ else "") +
+            f"; {n_near} pre-activation{'' if n_near == 1 else 's'} within rounding of zero, in "
+            f"{int((~clean).sum())} of {clean.size} features")
+
+    # the other peers: y against bnorm's; gradients against bnorm's backward through their mask
+    for peer in ("NumPy (post) + ReLU", "PyTorch"):
+        if peer not in outputs:
+            continue
+        outs = outputs[peer]
+        err = max_rel_err(f64(outs[0]), f64(fused[0]))
+        if not err <= rtol:
+            problems.append(f"{label}: {peer} y differs from bnorm fused (max rel err {err:.2g})")
+        mask = np.asarray(outs[0]) > 0
+        ref = bnorm.backward(dy * mask, x, mean, rstd, g, axis=ax)
+        for n, a, r in zip(OUTPUT_NAMES[1:], outs[1:], ref):
+            err = max_rel_err(f64(a), f64(r))
+            if not err <= rtol:
+                problems.append(f"{label}: {peer} {n} differs from bnorm's through its mask "
+                                f"(max rel err {err:.2g})")
+        flips = int(np.count_nonzero(mask != (fused[0] > 0)))
+        if flips:
+            note += f"; {peer}'s mask differs from bnorm's at {flips} elements"
+    return note, problems
+
+
 # --------------------------------------------------------------------------------------------
 # driver
 
@@ -518,8 +680,9 @@ def ratio(a, b):
 
 
 def time_case(case, args, torch):
-    """{op: {contender: seconds per call}} for one case, the cross-check's problems, and (half
-    rows) the post's code's errors where they keep it from being timed."""
+    """{op: {contender: seconds per call}} for one case (op "relu": the ReLU rows' step), the
+    cross-check's problems, (half rows) the post's code's errors where they keep it from being
+    timed, and the ReLU rows' cross-check note."""
     # the post's float16 sums overflow on the larger cases (NumPy warns)
     with np.errstate(over="ignore", invalid="ignore") if case.half else contextlib.nullcontext():
         peers = {}
@@ -552,7 +715,19 @@ def time_case(case, args, torch):
             fns = {name: ops[op] for name, ops in peers.items()}
             fns["copy"] = copy
             times[op] = measure(fns, args.budget, args.rounds)
-    return times, problems, wrong
+    note = None
+    if case.relu:
+        fns, outputs = relu_ops(case, torch)
+        if args.no_check:
+            note = f"{case.name} {case.dtype}: not checked (--no-check)"
+        else:
+            results = {k: tuple(np.asarray(a) for a in f()) for k, f in outputs.items()}
+            note, pr = check_relu(case, results)
+            problems += pr
+            del results
+        fns["copy"] = copy
+        times["relu"] = measure(fns, args.budget, args.rounds)
+    return times, problems, wrong, note
 
 
 def time_case_when_quiet(case, label, args, torch, monitor):
@@ -561,14 +736,14 @@ def time_case_when_quiet(case, label, args, torch, monitor):
     for attempt in range(args.retries + 1):
         print(f"# {label} ...", end="", file=sys.stderr, flush=True)
         monitor.start()
-        times, problems, wrong = time_case(case, args, torch)
+        times, problems, wrong, note = time_case(case, args, torch)
         load = monitor.stop()
         print(f" other processes used {load:.2f} CPUs", file=sys.stderr, flush=True)
         if load <= args.max_load:
             break
         if attempt < args.retries:
             monitor.wait_quiet(args.max_load, timeout=60)
-    return times, problems, wrong, load
+    return times, problems, wrong, note, load
 
 
 def median_times(runs):
@@ -603,6 +778,20 @@ def case_rows(meta, times):
             100 * BYTES_PER_ELEM_PASS[op] * meta["nbytes"] / tout / 1e9 / copy_bw,
         })
     return rows
+
+
+def relu_row(meta, times):
+    """The ReLU table's row of one case (None if it has no ReLU rows)."""
+    t = times.get("relu")
+    if t is None:
+        return None
+    tb = t["bnorm fused"]
+    copy_bw = 2 * meta["nbytes"] / t["copy"] / 1e9
+    bw = BYTES_PER_ELEM_PASS["step"] * meta["nbytes"] / tb / 1e9
+    return {"case": meta["name"], "dtype": meta["dtype"], "large": meta["large"],
+            **{peer: t.get(peer) for peer in RELU_PEERS},
+            **{f"vs {peer}": ratio(t.get(peer), tb) for peer in RELU_PEERS[1:]},
+            "bw": bw, "copy_bw": copy_bw, "pct": 100 * bw / copy_bw}
 
 
 def keep_freed_memory():
@@ -748,6 +937,47 @@ def half_lines(rows, show_out, wrong):
     return out
 
 
+RELU_RATIOS = {"bnorm + NumPy ReLU": "unfused/fused", "NumPy (post) + ReLU": "NumPy/fused",
+               "PyTorch": "PyTorch/fused"}
+
+
+def relu_lines(rows, notes):
+    """The ReLU rows' introduction, table, summary and cross-check notes."""
+    out = ["Batch norm + ReLU, training step (fwd+bwd): `bnorm fused` is `forward(..., "
+           "activation=\"relu\")` + `backward(..., beta=beta, activation=\"relu\")`; "
+           "`bnorm + NumPy ReLU` is `np.maximum(y, 0)` after bnorm's forward and bnorm's "
+           "backward of `dy * (y > 0)`; `NumPy (post) + ReLU` the same around the post's code; "
+           "PyTorch `torch.relu(F.batch_norm(...))` and `autograd.grad` with dy. Speed-ups are "
+           "peer time / fused time; bandwidth as for fwd+bwd (8B).", ""]
+    cols = ["case", "dtype"] + list(RELU_PEERS) + list(RELU_RATIOS.values()) + \
+        ["fused GB/s", "copy GB/s", "% copy"]
+    out += ["| " + " | ".join(cols) + " |",
+            "|" + "|".join("---" if i < 2 else "---:" for i in range(len(cols))) + "|"]
+    for r in rows:
+        cells = [r["case"], r["dtype"]] + [fmt_time(r[p]) for p in RELU_PEERS] + \
+            [fmt_ratio(r[f"vs {p}"]) for p in RELU_RATIOS] + \
+            [f"{r['bw']:.1f}", f"{r['copy_bw']:.1f}", f"{r['pct']:.0f}%"]
+        out.append("| " + " | ".join(cells) + " |")
+
+    def stat(sel, peer):
+        vals = [r[f"vs {peer}"] for r in sel if r[f"vs {peer}"] is not None]
+        return "n/a" if not vals else f"{statistics.median(vals):.2f}x [{min(vals):.2f}x]"
+
+    out += ["", "Summary of the ReLU rows: median [min] speed-up of bnorm's fused step over each "
+            "peer. Issue 16's targets, on 2 threads: >= 1.5x over bnorm + NumPy ReLU and >= 2x "
+            "over PyTorch.", ""]
+    for label, sel in [(d, [r for r in rows if r["dtype"] == d])
+                       for d in dict.fromkeys(r["dtype"] for r in rows)] + [("all", rows)]:
+        out.append(f"- {label}: " + ", ".join(f"vs {p} {stat(sel, p)}" for p in RELU_RATIOS))
+    slower = [f"{r['case']} {r['dtype']} (vs {p} {r[f'vs {p}']:.2f}x)" for r in rows
+              for p in RELU_RATIOS if r[f"vs {p}"] is not None and r[f"vs {p}"] < 1]
+    out += ["", "bnorm fused slower than a peer: " + ("; ".join(slower) if slower else "none")
+            + "."]
+    out += ["", "Cross-check of the ReLU rows (fused against unfused, bit for bit but where a "
+            "pre-activation is within rounding of zero):"] + [f"- {n}" for n in notes]
+    return out
+
+
 def plot(rows, path):
     import matplotlib
     matplotlib.use("Agg")
@@ -812,6 +1042,10 @@ def main(argv=None):
                    help="restrict to this dtype (repeatable; bfloat16 needs ml_dtypes)")
     p.add_argument("--case", action="append", metavar="TEXT",
                    help="only the cases whose name contains TEXT, e.g. 'NC (4096' (repeatable)")
+    p.add_argument("--relu-cases", choices=("default", "all", "none"), default="default",
+                   help="which float32/float64 cases get the ReLU rows (batch norm + ReLU, "
+                   "fwd+bwd): the default ones (NHWC (64,56,56,64) and NCHW (64,64,56,56); "
+                   "--quick: NHWC (8,112,112,32)), every case run, or none")
     p.add_argument("--no-torch", action="store_true", help="skip PyTorch")
     p.add_argument("--glibc-defaults", action="store_true",
                    help="leave glibc's trim and mmap thresholds as they are (see Memory)")
@@ -842,14 +1076,14 @@ def main(argv=None):
         torch.set_num_threads(bnorm.get_num_threads())
 
     t0 = time.perf_counter()
-    runs, problems, wrong, busy = {}, [], [], []
+    runs, problems, wrong, busy, notes = {}, [], [], [], {}
     monitor = LoadMonitor()
     for repeat in range(args.repeats):
-        for make in make_cases(args.quick, dtypes, args.case):
+        for make in make_cases(args.quick, dtypes, args.case, args.relu_cases):
             case = make()
             label = f"{case.name} {case.dtype}" + \
                 (f" (run {repeat + 1}/{args.repeats})" if args.repeats > 1 else "")
-            times, pr, wr, load = time_case_when_quiet(case, label, args, torch, monitor)
+            times, pr, wr, note, load = time_case_when_quiet(case, label, args, torch, monitor)
             if load > args.max_load:
                 busy.append(f"{label} ({load:.2f} CPUs)")
             meta = {"name": case.name, "group": case.group, "dtype": str(case.dtype),
@@ -857,8 +1091,12 @@ def main(argv=None):
             runs.setdefault((meta["name"], meta["dtype"]), (meta, []))[1].append(times)
             problems += [p for p in pr if p not in problems]
             wrong += [w for w in wr if w not in wrong]
+            if note is not None:
+                notes.setdefault((meta["name"], meta["dtype"]), note)
             del case
-    rows = [row for meta, times in runs.values() for row in case_rows(meta, median_times(times))]
+    medians = [(meta, median_times(times)) for meta, times in runs.values()]
+    rows = [row for meta, times in medians for row in case_rows(meta, times)]
+    relu = [r for r in (relu_row(meta, times) for meta, times in medians) if r is not None]
     elapsed = time.perf_counter() - t0
 
     full = [r for r in rows if not r["half"]]
@@ -866,6 +1104,8 @@ def main(argv=None):
     lines = header_lines(args, torch)
     if full:
         lines += [""] + table(full, not args.no_out) + [""] + summary(full)
+    if relu:
+        lines += [""] + relu_lines(relu, list(notes.values()))
     if half:
         lines += [""] + half_lines(half, not args.no_out, wrong)
     if busy:

@@ -5,10 +5,13 @@ and with bnorm.BatchNorm: same seed, same initialisation, same batches.
     python examples/digits_mlp.py --epochs 30 --plot curves.png
 
 The network is 64 -> H -> H -> 10 (Linear, [BatchNorm], ReLU, ..., softmax cross-entropy), trained
-with plain SGD in float32.  With batch norm the Linear layers have no bias (beta plays its part).
-The two batch-norm variants compute the same function, so they follow the same trajectory up to
-float32 rounding; the script prints how far apart their parameters are and the time each spent
-inside its batch-norm layers (forward, backward and evaluation forward).
+with plain SGD in float32.  With batch norm the Linear layers have no bias (beta plays its part),
+and the ReLU belongs to the batch-norm layer: bnorm's is fused (``BatchNorm(...,
+activation="relu")``: max(0, bn(x)) in the same pass, its backward recomputing the mask from x),
+the post's layer is followed by NumPy's ``np.maximum`` and mask.  The two batch-norm variants
+compute the same function, so they follow the same trajectory up to float32 rounding; the script
+prints how far apart their parameters are and the time each spent inside its batch-norm + ReLU
+layers (forward, backward and evaluation forward).
 
 Needs scikit-learn (for the bundled data set, no download); tqdm and matplotlib are optional.
 """
@@ -37,7 +40,7 @@ DTYPE = np.float32
 # --------------------------------------------------------------------------- batch-norm adapters
 class PostBN:
     """The post's layer as a NumPy user has it: ``PostBatchNorm`` (gamma passed in, no beta) plus a
-    separate bias for beta."""
+    separate bias for beta, then NumPy's ReLU (and its mask in backward)."""
 
     def __init__(self, n):
         self.layer = PostBatchNorm(n, dtype=DTYPE)
@@ -45,9 +48,11 @@ class PostBN:
         self.beta = np.zeros(n, DTYPE)
 
     def forward(self, x, training=True):
-        return self.layer.forward(x, self.gamma, training) + self.beta
+        self.y = np.maximum(self.layer.forward(x, self.gamma, training) + self.beta, 0)
+        return self.y
 
     def backward(self, dy):
+        dy = dy * (self.y > 0)
         dx, self.dgamma = self.layer.backward(dy)
         self.dbeta = dy.sum(0)
         # The post's backward divides by N = np.prod(shape), a NumPy int64, and NumPy 2 promotes
@@ -58,14 +63,15 @@ class PostBN:
 
 
 class BnormBN(bnorm.BatchNorm):
-    """bnorm's layer, unchanged (the subclass only exists to fix the constructor's signature)."""
+    """bnorm's layer with its fused ReLU (the subclass only exists to fix the constructor's
+    arguments)."""
 
     def __init__(self, n):
-        super().__init__(n, dtype=DTYPE)
+        super().__init__(n, dtype=DTYPE, activation="relu")
 
 
 class Timed:
-    """Wraps a batch-norm layer and accumulates the wall time spent in it."""
+    """Wraps a batch-norm + ReLU layer and accumulates the wall time spent in it."""
 
     def __init__(self, layer, clock):
         self.layer, self.clock = layer, clock
@@ -101,8 +107,9 @@ class MLP:
         acts = [x]
         for i, W in enumerate(self.W[:-1]):
             z = acts[-1] @ W
-            z = z + self.b[i] if self.bn is None else self.bn[i].forward(z, training)
-            acts.append(np.maximum(z, 0))
+            # the batch-norm layers apply the ReLU themselves
+            acts.append(np.maximum(z + self.b[i], 0) if self.bn is None else
+                        self.bn[i].forward(z, training))
         return acts, acts[-1] @ self.W[-1] + self.b[-1]
 
     def step(self, x, labels, lr):
@@ -118,10 +125,10 @@ class MLP:
         dW[-1], db[-1] = acts[-1].T @ g, g.sum(0)
         g = g @ self.W[-1].T
         for i in range(n - 2, -1, -1):
-            g = g * (acts[i + 1] > 0)
             if self.bn is None:
+                g = g * (acts[i + 1] > 0)
                 db[i] = g.sum(0)
-            else:
+            else:       # through the ReLU and the batch norm
                 g = self.bn[i].backward(g)
             dW[i] = acts[i].T @ g
             if i:
@@ -261,14 +268,15 @@ def main(argv=None):
 
     print()
     print(f"{'variant':<8}{'final loss':>12}{'test acc':>10}{'train time':>12}"
-          f"{'in batch norm':>15}")
+          f"{'in BN + ReLU':>15}")
     for name, h in hists.items():
         bn = "-" if h["bn_time"] is None else f"{h['bn_time']:.3f} s"
         print(f"{name:<8}{h['loss'][-1]:>12.4f}{100 * h['acc'][-1]:>9.2f}%{h['time']:>10.2f} s"
               f"{bn:>15}")
     post, bn = hists["post"], hists["bnorm"]
-    print(f"\ntime in batch norm (forward, backward, evaluation): post's NumPy layer "
-          f"{post['bn_time']:.3f} s, bnorm.BatchNorm {bn['bn_time']:.3f} s -> bnorm "
+    print(f"\ntime in batch norm + ReLU (forward, backward, evaluation): post's NumPy layer + "
+          f"np.maximum {post['bn_time']:.3f} s, bnorm.BatchNorm(activation='relu') "
+          f"{bn['bn_time']:.3f} s -> bnorm "
           f"{speed(post['bn_time'] / bn['bn_time'])} "
           f"(of the whole training: {100 * post['bn_time'] / post['time']:.0f}% vs "
           f"{100 * bn['bn_time'] / bn['time']:.0f}%)")

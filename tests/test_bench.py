@@ -1,10 +1,11 @@
 """The benchmark is the README's main job: it must run and agree with itself.  A tiny run of
 ``benchmarks/bench.py`` in its own interpreter (it changes glibc's malloc thresholds), on the
 smallest case, float32, float64 and the half dtypes (float16; bfloat16 when ml_dtypes is
-installed), two runs of the suite (their medians reported), PyTorch included when installed; the
-suite cross-checks every peer's y, dx, dgamma and dbeta (against bnorm's, or for the half rows
-against a float64 evaluation within a few half epsilons) before timing and reports any
-difference."""
+installed), two runs of the suite (their medians reported), PyTorch included when installed, with
+the ReLU rows (batch norm + ReLU, fwd+bwd) on it in float32 and float64; the suite cross-checks
+every peer's y, dx, dgamma and dbeta (against bnorm's, for the half rows against a float64
+evaluation within a few half epsilons, for the ReLU rows bnorm fused against bnorm + NumPy's ReLU
+bit for bit) before timing and reports any difference."""
 import importlib.util
 import pathlib
 import re
@@ -36,7 +37,11 @@ def tables(text):
 def test_benchmark_runs_and_its_peers_agree(tmp_path):
     table = tmp_path / "results.md"
     cmd = [sys.executable, str(ROOT / "benchmarks" / "bench.py"), "--case", CASE,
-           "--budget", "0.01", "--rounds", "2", "--repeats", "2", "--markdown", str(table)]
+           "--budget", "0.01", "--rounds", "2", "--repeats", "2", "--relu-cases", "all",
+           "--markdown", str(table)]
+    # no re-runs on a busy machine: this checks results, not timings, and each re-run first waits
+    # up to 60 s for a quiet second (another test session on 2 CPUs made it time out)
+    cmd += ["--retries", "0"]
     for dtype in FULL + HALVES:
         cmd += ["--dtype", dtype]
     # the benchmark imports bnorm the way the test session does (installed or from the tree)
@@ -48,7 +53,8 @@ def test_benchmark_runs_and_its_peers_agree(tmp_path):
     # the post's float16 code is accurate enough on 32 rows: checked, and timed
     assert "not timed where its results are off" not in text
 
-    full, half = tables(text)
+    full, relu, half = tables(text)
+    assert "op" in full[0] and "bnorm float32" in half[0] and "bnorm fused" in relu[0]
     torch_installed = importlib.util.find_spec("torch") is not None
     assert sorted((r["dtype"], r["op"]) for r in full) == sorted(
         (dtype, op) for dtype in FULL for op in OPS)
@@ -73,3 +79,20 @@ def test_benchmark_runs_and_its_peers_agree(tmp_path):
     for dtype in HALVES:
         assert re.search(rf"^- {dtype}, large cases .*vs bnorm float32 .*vs PyTorch ", text,
                          re.MULTILINE)
+
+    # the ReLU rows: one per full dtype (half dtypes have none), every peer timed, its summary
+    # lines, and the fused results equal to the unfused ones bit for bit
+    assert sorted(r["dtype"] for r in relu) == sorted(FULL)
+    for r in relu:
+        assert r["case"] == CASE, r
+        for col in ("bnorm fused", "bnorm + NumPy ReLU", "NumPy (post) + ReLU"):
+            assert re.fullmatch(TIME, r[col]), r
+        for col in ("unfused/fused", "NumPy/fused"):
+            assert float(r[col].rstrip("x")) > 0, r
+        assert (r["PyTorch"] != "n/a") == (r["PyTorch/fused"] != "n/a") == torch_installed, r
+    for dtype in FULL + ("all",):
+        assert re.search(rf"^- {dtype}: vs bnorm \+ NumPy ReLU .*vs NumPy \(post\) \+ ReLU "
+                         rf".*vs PyTorch ", text, re.MULTILINE)
+    for dtype in FULL:
+        assert re.search(rf"^- {re.escape(CASE)} {dtype}: bnorm fused = bnorm \+ NumPy ReLU "
+                         r"bit for bit;", text, re.MULTILINE), text
