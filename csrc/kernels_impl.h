@@ -25,15 +25,21 @@ static BN_INLINE void BN_NAME(store)(char *p, BN_C v)
     memcpy(p, &t, sizeof t);
 }
 
-/* Whether the forward's ReLU passed an element: its pre-activation, computed as the forward's
- * normalize computes it, is > 0 (the ReLU's gradient at 0 is 0, as PyTorch's).  The reductions
- * compute it in float64 with their other terms instead, and every pass applies it as a factor of
- * dy, not a branch: a float32 mask selecting between float64 sums kept GCC from vectorizing them
- * (backward_sums 0.46 -> 13.3 ms on (8,112,112,32) float32).  The two computations differ only
- * for a pre-activation within rounding of zero. */
-static BN_INLINE int BN_NAME(relu_passes)(BN_C x, BN_C shift, BN_C act_scale, BN_C act_offset)
+/* dy where the forward's ReLU passed the element (its pre-activation p > 0; the ReLU's gradient
+ * at 0 is 0, as PyTorch's), else 0.  A select, as PyTorch's threshold_backward is: a NaN in a
+ * masked dy does not reach the sums.  Not a product with a 0/1 mask: (double)(p > 0) kept GCC
+ * from vectorizing the float64 sums for AVX2 (backward_sums on (8,112,112,32) float32 with
+ * x86-64-v3: 28 ms scalar).  The reductions compute p in float64 beside their other terms, the
+ * elementwise pass in the compute type as the forward's normalize does; the two differ only for
+ * a pre-activation within rounding of zero. */
+static BN_INLINE double BN_NAME(relu_grad_sums)(double dy, double p)
 {
-    return (x - shift) * act_scale + act_offset > 0;
+    return p > 0 ? dy : 0.0;
+}
+
+static BN_INLINE BN_C BN_NAME(relu_grad)(BN_C dy, BN_C p)
+{
+    return p > 0 ? dy : (BN_C)0;
 }
 
 /* Whether a pass walks a block's batch rows (rows of n1 elements sharing their features) one
@@ -70,7 +76,7 @@ static BN_INLINE void BN_NAME(reduce_rows)(
             const double v = (double)BN_NAME(load)(x + r * xs0 + j * xs1) - k;
             double w = has_dy ? (double)BN_NAME(load)(dy + r * ds0 + j * ds1) : v;
             if (relu)
-                w *= (double)(v * as + ao > 0); /* dy * mask, as unfused */
+                w = BN_NAME(relu_grad_sums)(w, v * as + ao);
             s0 += w;
             s1 += w * v;
             s2 += v;
@@ -128,7 +134,7 @@ static BN_INLINE void BN_NAME(reduce_body)(
                 const double v = (double)BN_NAME(load)(xrow + (j + l) * xs1) - k;
                 double w = has_dy ? (double)BN_NAME(load)(dyrow + (j + l) * ds1) : v;
                 if (relu)
-                    w *= (double)(v * as + ao > 0); /* dy * mask, as unfused */
+                    w = BN_NAME(relu_grad_sums)(w, v * as + ao);
                 lane0[l] += w;
                 lane1[l] += w * v;
                 if (has_dy)
@@ -146,7 +152,7 @@ static BN_INLINE void BN_NAME(reduce_body)(
             const double v = (double)BN_NAME(load)(xrow + j * xs1) - k;
             double w = has_dy ? (double)BN_NAME(load)(dyrow + j * ds1) : v;
             if (relu)
-                w *= (double)(v * as + ao > 0); /* dy * mask, as unfused */
+                w = BN_NAME(relu_grad_sums)(w, v * as + ao);
             t0 += w;
             t1 += w * v;
             t2 += v;
@@ -223,8 +229,8 @@ static BN_INLINE void BN_NAME(apply_tile)(
             v[l] = (xv - k[l]) * s[l] + o[l];
             if (has_dy) {
                 BN_C dyv = BN_WIDEN(dyr[l]);
-                if (relu) /* dy * mask, the forward's ReLU's, as unfused */
-                    dyv *= (BN_C)BN_NAME(relu_passes)(xv, k[l], as[l], ao[l]);
+                if (relu)
+                    dyv = BN_NAME(relu_grad)(dyv, (xv - k[l]) * as[l] + ao[l]);
                 v[l] += dyv * d[l];
             } else if (relu) {
                 v[l] = v[l] < 0 ? 0 : v[l]; /* max(0, v), NaN kept */

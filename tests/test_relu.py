@@ -96,6 +96,25 @@ def test_mask_passes_positive_pre_activations_only():
     np.testing.assert_array_equal(dx[:, 1], [0.0, 0.0])
 
 
+@pytest.mark.parametrize("dtype", DTYPES, ids=IDS)
+def test_masked_nan_gradient_does_not_propagate(dtype):
+    """The mask selects dy (PyTorch's threshold_backward does the same): a NaN in dy where the
+    ReLU blocked the element reaches neither dx nor the sums, so the result equals the one with
+    a zero there."""
+    x, dy, gamma, beta, kw, _ = make_case(dtype, (64, 24), -1, None, True)
+    y, mean, rstd = bnorm.forward(x, gamma, beta, activation="relu", **kw)
+    blocked = y.astype(F64) == 0
+    assert blocked.sum() > 100
+    with_nan, with_zero = dy.copy(), dy.copy()
+    with_nan[blocked] = np.nan
+    with_zero[blocked] = 0
+    got = bnorm.backward(with_nan, x, mean, rstd, gamma, beta=beta, activation="relu")
+    want = bnorm.backward(with_zero, x, mean, rstd, gamma, beta=beta, activation="relu")
+    assert all(np.isfinite(g.astype(F64)).all() for g in got)
+    for g, w in zip(got, want):
+        np.testing.assert_array_equal(g, w)
+
+
 @pytest.mark.parametrize("value", ["gelu", "ReLU", 1, True, b"relu", ["relu"]], ids=repr)
 def test_other_activations_are_value_errors_and_modify_nothing(value):
     rng = np.random.default_rng(5)
