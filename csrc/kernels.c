@@ -9,6 +9,9 @@
 #if defined(__SSE2__)
 #include <emmintrin.h>
 #endif
+#ifdef BN_X86_TARGETS
+#include <immintrin.h> /* F16C and AVX-512, used only in the functions compiled for them */
+#endif
 
 #define BN_INLINE inline __attribute__((always_inline))
 #define BN_LANES 16
@@ -133,24 +136,38 @@ static BN_INLINE uint16_t f32_to_bf16(float value)
 #define BN_CAT(a, b, c) BN_CAT_(a, b, c)
 #define BN_NAME(n) BN_CAT(n, BN_TNAME, BN_SUFFIX)
 
+/* BN_F16C: the target converts float16 with F16C's instructions, a tile at a time (see
+ * kernels_target.h); BN_AVX512: with 16 lanes in one register. */
 #define BN_SUFFIX baseline
 #define BN_TARGET_ATTR
+#define BN_F16C 0
+#define BN_AVX512 0
 #include "kernels_target.h"
 #undef BN_TARGET_ATTR
 #undef BN_SUFFIX
+#undef BN_F16C
+#undef BN_AVX512
 
 #ifdef BN_X86_TARGETS
 #define BN_SUFFIX v3
 #define BN_TARGET_ATTR __attribute__((target("arch=x86-64-v3")))
+#define BN_F16C 1
+#define BN_AVX512 0
 #include "kernels_target.h"
 #undef BN_TARGET_ATTR
 #undef BN_SUFFIX
+#undef BN_F16C
+#undef BN_AVX512
 
 #define BN_SUFFIX v4
 #define BN_TARGET_ATTR __attribute__((target("arch=x86-64-v4")))
+#define BN_F16C 1
+#define BN_AVX512 1
 #include "kernels_target.h"
 #undef BN_TARGET_ATTR
 #undef BN_SUFFIX
+#undef BN_F16C
+#undef BN_AVX512
 #endif
 
 /* [target][dtype], in bn_target's order */

@@ -12,14 +12,14 @@
  * buffers are legal input, and GCC turns these into plain (vector) moves.
  */
 
-static BN_INLINE BN_C BN_NAME(load)(const char *p)
+static BN_TARGET_ATTR BN_INLINE BN_C BN_NAME(load)(const char *p)
 {
     BN_T v;
     memcpy(&v, p, sizeof v);
     return BN_WIDEN(v);
 }
 
-static BN_INLINE void BN_NAME(store)(char *p, BN_C v)
+static BN_TARGET_ATTR BN_INLINE void BN_NAME(store)(char *p, BN_C v)
 {
     const BN_T t = BN_NARROW(v);
     memcpy(p, &t, sizeof t);
@@ -32,12 +32,12 @@ static BN_INLINE void BN_NAME(store)(char *p, BN_C v)
  * x86-64-v3: 28 ms scalar).  The reductions compute p in float64 beside their other terms, the
  * elementwise pass in the compute type as the forward's normalize does; the two differ only for
  * a pre-activation within rounding of zero. */
-static BN_INLINE double BN_NAME(relu_grad_sums)(double dy, double p)
+static BN_TARGET_ATTR BN_INLINE double BN_NAME(relu_grad_sums)(double dy, double p)
 {
     return p > 0 ? dy : 0.0;
 }
 
-static BN_INLINE BN_C BN_NAME(relu_grad)(BN_C dy, BN_C p)
+static BN_TARGET_ATTR BN_INLINE BN_C BN_NAME(relu_grad)(BN_C dy, BN_C p)
 {
     return p > 0 ? dy : (BN_C)0;
 }
@@ -50,31 +50,60 @@ static BN_INLINE BN_C BN_NAME(relu_grad)(BN_C dy, BN_C p)
  * up to short_row bytes) or when each row is a long stream of its own.  In between, a pass over
  * more than BN_STREAMED bytes goes one row after another: normalize on 1 KiB rows 11 -> 23 GB/s,
  * statistics 9 -> 13 GB/s. */
-static BN_INLINE int BN_NAME(rows_one_by_one)(const bn_block *b, npy_intp short_row)
+static BN_TARGET_ATTR BN_INLINE int BN_NAME(rows_one_by_one)(const bn_block *b, npy_intp short_row)
 {
     const npy_intp row_bytes = b->n1 * (npy_intp)sizeof(BN_T);
     return row_bytes > short_row && row_bytes < BN_LONG_ROW &&
            b->pass_size > BN_STREAMED / (npy_intp)sizeof(BN_T);
 }
 
-/* Features along the inner dimension: `rows` rows of n1 elements starting at feature f, rows
- * that have the same features when rows > 1 (batch rows, fs0 == 0).  They are summed in
- * registers before touching the per-feature sums, each of which costs a load and a store. */
-static BN_INLINE void BN_NAME(reduce_rows)(
-    npy_intp rows, npy_intp n1, const char *x, npy_intp xs0, npy_intp xs1, const char *dy,
+/* A tile: up to BN_LANES elements of a row, p + l * stride, in the compute type.  A dtype that
+ * converts whole tiles (BN_WIDEN_TILE: float16 with F16C) reads them into an array first; the
+ * others load and convert each element in the loop that uses it, which vectorizes. */
+#ifdef BN_WIDEN_TILE
+static BN_TARGET_ATTR BN_INLINE void BN_NAME(read_tile)(const char *p, npy_intp stride, npy_intp m, BN_C *dst)
+{
+    BN_T raw[BN_LANES];
+    for (npy_intp l = 0; l < m; l++)
+        memcpy(&raw[l], p + l * stride, sizeof(BN_T));
+    for (npy_intp l = 0; l < BN_LANES; l++) /* a partial tile's lanes past m: never used */
+        if (l >= m)
+            raw[l] = 0;
+    BN_WIDEN_TILE(raw, dst);
+}
+#define BN_TILE_READ(t, p, stride, m) BN_NAME(read_tile)(p, stride, m, t)
+#define BN_TILE_AT(t, p, stride, l) ((t)[l])
+#else
+#define BN_TILE_READ(t, p, stride, m) ((void)(t))
+#define BN_TILE_AT(t, p, stride, l) BN_NAME(load)((p) + (l) * (stride))
+#endif
+
+/* Features along the inner dimension: `rows` rows (at most BN_STATS_ROWS) of m <= BN_LANES
+ * elements starting at feature f, rows that have the same features when rows > 1 (batch rows,
+ * fs0 == 0), fs1 != 0.  Each feature's rows are summed in registers, in row order, before touching
+ * its sums, each of which costs a load and a store. */
+static BN_TARGET_ATTR BN_INLINE void BN_NAME(reduce_tile)(
+    npy_intp rows, npy_intp m, const char *x, npy_intp xs0, npy_intp xs1, const char *dy,
     npy_intp ds0, npy_intp ds1, npy_intp f, npy_intp fs1, const BN_C *restrict shift,
     const BN_C *restrict act_scale, const BN_C *restrict act_offset, double *restrict sum0,
     double *restrict sum1, double *restrict sum2, const int flags)
 {
     const int has_dy = flags & BN_HAS_DY, relu = flags & BN_RELU;
-    for (npy_intp j = 0; j < n1; j++) {
-        const npy_intp g = f + j * fs1;
+    BN_C xt[BN_STATS_ROWS][BN_LANES], dyt[BN_STATS_ROWS][BN_LANES];
+    for (npy_intp r = 0; r < rows; r++) {
+        BN_TILE_READ(xt[r], x + r * xs0, xs1, m);
+        if (has_dy)
+            BN_TILE_READ(dyt[r], dy + r * ds0, ds1, m);
+    }
+#pragma omp simd
+    for (npy_intp l = 0; l < m; l++) {
+        const npy_intp g = f + l * fs1; /* distinct for every l: fs1 != 0 */
         const double k = (double)shift[g];
         const double as = relu ? (double)act_scale[g] : 0, ao = relu ? (double)act_offset[g] : 0;
         double s0 = 0, s1 = 0, s2 = 0;
         for (npy_intp r = 0; r < rows; r++) {
-            const double v = (double)BN_NAME(load)(x + r * xs0 + j * xs1) - k;
-            double w = has_dy ? (double)BN_NAME(load)(dy + r * ds0 + j * ds1) : v;
+            const double v = (double)BN_TILE_AT(xt[r], x + r * xs0, xs1, l) - k;
+            double w = has_dy ? (double)BN_TILE_AT(dyt[r], dy + r * ds0, ds1, l) : v;
             if (relu)
                 w = BN_NAME(relu_grad_sums)(w, v * as + ao);
             s0 += w;
@@ -88,6 +117,25 @@ static BN_INLINE void BN_NAME(reduce_rows)(
     }
 }
 
+/* `rows` rows of n1 elements from feature f, a tile at a time: full tiles apart, so that their
+ * length is a constant GCC vectorizes */
+static BN_TARGET_ATTR BN_INLINE void BN_NAME(reduce_rows)(
+    npy_intp rows, npy_intp n1, const char *x, npy_intp xs0, npy_intp xs1, const char *dy,
+    npy_intp ds0, npy_intp ds1, npy_intp f, npy_intp fs1, const BN_C *restrict shift,
+    const BN_C *restrict act_scale, const BN_C *restrict act_offset, double *restrict sum0,
+    double *restrict sum1, double *restrict sum2, const int flags)
+{
+    npy_intp j = 0;
+    for (; j + BN_LANES <= n1; j += BN_LANES)
+        BN_NAME(reduce_tile)(rows, BN_LANES, x + j * xs1, xs0, xs1, dy + j * ds1, ds0, ds1,
+                             f + j * fs1, fs1, shift, act_scale, act_offset, sum0, sum1, sum2,
+                             flags);
+    if (j < n1)
+        BN_NAME(reduce_tile)(rows, n1 - j, x + j * xs1, xs0, xs1, dy + j * ds1, ds0, ds1,
+                             f + j * fs1, fs1, shift, act_scale, act_offset, sum0, sum1, sum2,
+                             flags);
+}
+
 /* Reductions accumulate in float64 from data shifted by a per-feature value near the mean
  * (shift), which keeps the one-pass variance exact for data far from zero; dy = NULL means the
  * statistics pass, where the "weight" w is the shifted value itself:
@@ -98,7 +146,7 @@ static BN_INLINE void BN_NAME(reduce_rows)(
  * an 8-way L1: backward_sums (256,1024) float64 takes 88 us with 4 rows, 186 us with 8); batch along the
  * inner dimension (fs1 == 0) sums each row in BN_LANES independent lanes first, added in a fixed
  * order, which both vectorizes and shortens the rounding chains. */
-static BN_INLINE void BN_NAME(reduce_body)(
+static BN_TARGET_ATTR BN_INLINE void BN_NAME(reduce_body)(
     npy_intp n0, npy_intp n1, const char *x, npy_intp xs0, npy_intp xs1, const char *dy,
     npy_intp ds0, npy_intp ds1, npy_intp f0, npy_intp fs0, npy_intp fs1,
     const BN_C *restrict shift, const BN_C *restrict act_scale, const BN_C *restrict act_offset,
@@ -129,10 +177,15 @@ static BN_INLINE void BN_NAME(reduce_body)(
         double lane0[BN_LANES] = {0}, lane1[BN_LANES] = {0}, lane2[BN_LANES] = {0};
         npy_intp j = 0;
         for (; j + BN_LANES <= n1; j += BN_LANES) {
+            const char *xt0 = xrow + j * xs1, *dyt0 = dyrow + j * ds1;
+            BN_C xt[BN_LANES], dyt[BN_LANES];
+            BN_TILE_READ(xt, xt0, xs1, BN_LANES);
+            if (has_dy)
+                BN_TILE_READ(dyt, dyt0, ds1, BN_LANES);
 #pragma omp simd
             for (npy_intp l = 0; l < BN_LANES; l++) {
-                const double v = (double)BN_NAME(load)(xrow + (j + l) * xs1) - k;
-                double w = has_dy ? (double)BN_NAME(load)(dyrow + (j + l) * ds1) : v;
+                const double v = (double)BN_TILE_AT(xt, xt0, xs1, l) - k;
+                double w = has_dy ? (double)BN_TILE_AT(dyt, dyt0, ds1, l) : v;
                 if (relu)
                     w = BN_NAME(relu_grad_sums)(w, v * as + ao);
                 lane0[l] += w;
@@ -164,7 +217,7 @@ static BN_INLINE void BN_NAME(reduce_body)(
     }
 }
 
-static BN_INLINE void BN_NAME(reduce)(const bn_block *b, const bn_coefs *c, const int flags)
+static BN_TARGET_ATTR BN_INLINE void BN_NAME(reduce)(const bn_block *b, const bn_coefs *c, const int flags)
 {
     const int has_dy = flags & BN_HAS_DY;
     const BN_C *shift = (const BN_C *)c->shift;
@@ -195,7 +248,7 @@ static BN_INLINE void BN_NAME(reduce)(const bn_block *b, const bn_coefs *c, cons
  * evicts them, and reloading them for every row made this pass twice as slow as a copy.  All of a
  * row's tile is loaded before any of it is stored, so out may be x or dy itself (in place) and
  * the loops still vectorize.  stream: write with non-temporal stores (see streams_out). */
-static BN_INLINE void BN_NAME(apply_tile)(
+static BN_TARGET_ATTR BN_INLINE void BN_NAME(apply_tile)(
     npy_intp rows, npy_intp m, const char *x, npy_intp xs0, npy_intp xs1, const char *dy,
     npy_intp ds0, npy_intp ds1, char *out, npy_intp os0, npy_intp os1, npy_intp f, npy_intp fs1,
     const BN_C *restrict shift, const BN_C *restrict scale, const BN_C *restrict offset,
@@ -223,20 +276,46 @@ static BN_INLINE void BN_NAME(apply_tile)(
         if (has_dy)
             for (npy_intp l = 0; l < m; l++)
                 memcpy(&dyr[l], dy + r * ds0 + l * ds1, sizeof(BN_T));
+#ifdef BN_WIDEN_TILE
+        /* the whole tile converted at once, so that the loop below computes on BN_C alone; a
+         * partial tile's lanes past m are zeros, computed and never stored */
+        BN_C xc[BN_LANES], dyc[BN_LANES];
+        for (npy_intp l = 0; l < BN_LANES; l++)
+            if (l >= m)
+                xr[l] = dyr[l] = 0;
+        BN_WIDEN_TILE(xr, xc);
+        if (has_dy)
+            BN_WIDEN_TILE(dyr, dyc);
+#define BN_XV(l) xc[l]
+#define BN_DYV(l) dyc[l]
+#else
+#define BN_XV(l) BN_WIDEN(xr[l])
+#define BN_DYV(l) BN_WIDEN(dyr[l])
+#endif
 #pragma omp simd
         for (npy_intp l = 0; l < m; l++) {
-            const BN_C xv = BN_WIDEN(xr[l]);
+            const BN_C xv = BN_XV(l);
             v[l] = (xv - k[l]) * s[l] + o[l];
             if (has_dy) {
-                BN_C dyv = BN_WIDEN(dyr[l]);
+                BN_C dyv = BN_DYV(l);
                 if (relu)
                     dyv = BN_NAME(relu_grad)(dyv, (xv - k[l]) * as[l] + ao[l]);
                 v[l] += dyv * d[l];
             } else if (relu) {
                 v[l] = v[l] < 0 ? 0 : v[l]; /* max(0, v), NaN kept */
             }
+#ifndef BN_NARROW_TILE
             t[l] = BN_NARROW(v[l]);
+#endif
         }
+#undef BN_XV
+#undef BN_DYV
+#ifdef BN_NARROW_TILE
+        for (npy_intp l = 0; l < BN_LANES; l++)
+            if (l >= m)
+                v[l] = 0;
+        BN_NARROW_TILE(v, t);
+#endif
         char *orow = out + r * os0;
         if (stream)
             stream_store(orow, t, (size_t)m * sizeof(BN_T));
@@ -246,7 +325,7 @@ static BN_INLINE void BN_NAME(apply_tile)(
     }
 }
 
-static BN_INLINE void BN_NAME(apply_body)(
+static BN_TARGET_ATTR BN_INLINE void BN_NAME(apply_body)(
     npy_intp n0, npy_intp n1, const char *x, npy_intp xs0, npy_intp xs1, const char *dy,
     npy_intp ds0, npy_intp ds1, char *out, npy_intp os0, npy_intp os1, npy_intp f0, npy_intp fs0,
     npy_intp fs1, const bn_coefs *c, const npy_intp group, const int flags, const int stream)
@@ -281,7 +360,7 @@ static BN_INLINE void BN_NAME(apply_body)(
  * ones, or an output sharing lines with the input (in place), runs slower than plain stores alone
  * (normalize (4096,1024) float32 on one thread, output 32 bytes past a line: 0.80 ms plain,
  * 2.0 ms mixed; aligned: 0.66 ms). */
-static BN_INLINE int BN_NAME(streams_out)(const bn_block *b, const char *out, npy_intp op_out)
+static BN_TARGET_ATTR BN_INLINE int BN_NAME(streams_out)(const bn_block *b, const char *out, npy_intp op_out)
 {
     const npy_intp isz = (npy_intp)sizeof(BN_T);
     const npy_intp limit =
@@ -292,7 +371,7 @@ static BN_INLINE int BN_NAME(streams_out)(const bn_block *b, const char *out, np
            out != b->ptr[op_out - 1] /* dy, or x again */;
 }
 
-static BN_INLINE void BN_NAME(apply)(const bn_block *b, const bn_coefs *c, const int flags)
+static BN_TARGET_ATTR BN_INLINE void BN_NAME(apply)(const bn_block *b, const bn_coefs *c, const int flags)
 {
     const int has_dy = flags & BN_HAS_DY;
     const npy_intp op_dy = has_dy ? 1 : 0, op_out = has_dy ? 2 : 1;
@@ -328,7 +407,7 @@ static BN_INLINE void BN_NAME(apply)(const bn_block *b, const bn_coefs *c, const
 }
 
 /* n packed elements as float64 (exactly: every BN_T is a double). */
-static void BN_NAME(widen)(const char *src, double *dst, npy_intp n)
+static BN_TARGET_ATTR void BN_NAME(widen)(const char *src, double *dst, npy_intp n)
 {
     for (npy_intp i = 0; i < n; i++)
         dst[i] = (double)BN_NAME(load)(src + i * (npy_intp)sizeof(BN_T));
@@ -376,3 +455,6 @@ const bn_dtype_kernels BN_NAME(bn_kernels) = {
     BN_NAME(normalize_relu), BN_NAME(bwd_sums_relu), BN_NAME(bwd_apply_relu), BN_NAME(widen),
     sizeof(BN_T),            sizeof(BN_C),
 };
+
+#undef BN_TILE_READ
+#undef BN_TILE_AT
