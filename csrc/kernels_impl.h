@@ -49,11 +49,17 @@ static BN_TARGET_ATTR BN_INLINE BN_C BN_NAME(relu_grad)(BN_C dy, BN_C p)
  * the machine we measured (AMD EPYC) follow well only when a group spans a few cache lines (rows
  * up to short_row bytes) or when each row is a long stream of its own.  In between, a pass over
  * more than BN_STREAMED bytes goes one row after another: normalize on 1 KiB rows 11 -> 23 GB/s,
- * statistics 9 -> 13 GB/s. */
-static BN_TARGET_ATTR BN_INLINE int BN_NAME(rows_one_by_one)(const bn_block *b, npy_intp short_row)
+ * statistics 9 -> 13 GB/s.  long_row: the bytes from which a row counts as long.  The
+ * reductions, whose float64 arithmetic costs the same per element in every dtype, count a
+ * half-precision row as long from as many elements as a float32 row of BN_LONG_ROW bytes: one
+ * row at a time, each element also loads and stores its feature's sums, which cost half
+ * precision's 2 KiB rows more than their interleaved streams (float16 (4096,1024) on one
+ * thread: batch_stats 1.75 -> 0.74 ms, backward_sums 2.6 -> 1.6 ms grouped). */
+static BN_TARGET_ATTR BN_INLINE int BN_NAME(rows_one_by_one)(const bn_block *b,
+                                                            npy_intp short_row, npy_intp long_row)
 {
     const npy_intp row_bytes = b->n1 * (npy_intp)sizeof(BN_T);
-    return row_bytes > short_row && row_bytes < BN_LONG_ROW &&
+    return row_bytes > short_row && row_bytes < long_row &&
            b->pass_size > BN_STREAMED / (npy_intp)sizeof(BN_T);
 }
 
@@ -61,7 +67,8 @@ static BN_TARGET_ATTR BN_INLINE int BN_NAME(rows_one_by_one)(const bn_block *b, 
  * converts whole tiles (BN_WIDEN_TILE: float16 with F16C) reads them into an array first; the
  * others load and convert each element in the loop that uses it, which vectorizes. */
 #ifdef BN_WIDEN_TILE
-static BN_TARGET_ATTR BN_INLINE void BN_NAME(read_tile)(const char *p, npy_intp stride, npy_intp m, BN_C *dst)
+static BN_TARGET_ATTR BN_INLINE void
+BN_NAME(read_tile)(const char *p, npy_intp stride, npy_intp m, BN_C *dst)
 {
     BN_T raw[BN_LANES];
     for (npy_intp l = 0; l < m; l++)
@@ -217,7 +224,8 @@ static BN_TARGET_ATTR BN_INLINE void BN_NAME(reduce_body)(
     }
 }
 
-static BN_TARGET_ATTR BN_INLINE void BN_NAME(reduce)(const bn_block *b, const bn_coefs *c, const int flags)
+static BN_TARGET_ATTR BN_INLINE void
+BN_NAME(reduce)(const bn_block *b, const bn_coefs *c, const int flags)
 {
     const int has_dy = flags & BN_HAS_DY;
     const BN_C *shift = (const BN_C *)c->shift;
@@ -229,7 +237,11 @@ static BN_TARGET_ATTR BN_INLINE void BN_NAME(reduce)(const bn_block *b, const bn
     const npy_intp xs0 = b->s0[0], ds0 = b->s0[op_dy];
     const npy_intp isz = (npy_intp)sizeof(BN_T);
     const int contiguous = b->s1[0] == isz && b->s1[op_dy] == isz;
-    const int grouped = b->fs0 == 0 && !BN_NAME(rows_one_by_one)(b, BN_SHORT_ROW_REDUCE);
+    /* long from BN_LONG_ROW bytes, or half precision's rows of as many elements as float32's */
+    const npy_intp long_row =
+        isz < (npy_intp)sizeof(float) ? BN_LONG_ROW / (npy_intp)sizeof(float) * isz : BN_LONG_ROW;
+    const int grouped =
+        b->fs0 == 0 && !BN_NAME(rows_one_by_one)(b, BN_SHORT_ROW_REDUCE, long_row);
     if (contiguous && b->fs1 == 1)
         BN_NAME(reduce_body)(b->n0, b->n1, x, xs0, isz, dy, ds0, isz, b->f0, b->fs0, 1, shift,
                              act_scale, act_offset, sum0, sum1, sum2, grouped, flags);
@@ -360,7 +372,8 @@ static BN_TARGET_ATTR BN_INLINE void BN_NAME(apply_body)(
  * ones, or an output sharing lines with the input (in place), runs slower than plain stores alone
  * (normalize (4096,1024) float32 on one thread, output 32 bytes past a line: 0.80 ms plain,
  * 2.0 ms mixed; aligned: 0.66 ms). */
-static BN_TARGET_ATTR BN_INLINE int BN_NAME(streams_out)(const bn_block *b, const char *out, npy_intp op_out)
+static BN_TARGET_ATTR BN_INLINE int
+BN_NAME(streams_out)(const bn_block *b, const char *out, npy_intp op_out)
 {
     const npy_intp isz = (npy_intp)sizeof(BN_T);
     const npy_intp limit =
@@ -371,7 +384,8 @@ static BN_TARGET_ATTR BN_INLINE int BN_NAME(streams_out)(const bn_block *b, cons
            out != b->ptr[op_out - 1] /* dy, or x again */;
 }
 
-static BN_TARGET_ATTR BN_INLINE void BN_NAME(apply)(const bn_block *b, const bn_coefs *c, const int flags)
+static BN_TARGET_ATTR BN_INLINE void
+BN_NAME(apply)(const bn_block *b, const bn_coefs *c, const int flags)
 {
     const int has_dy = flags & BN_HAS_DY;
     const npy_intp op_dy = has_dy ? 1 : 0, op_out = has_dy ? 2 : 1;
@@ -386,7 +400,7 @@ static BN_TARGET_ATTR BN_INLINE void BN_NAME(apply)(const bn_block *b, const bn_
      * 360 -> 133 us with 2 rows instead of 4; other rows gain from 4: (8,112,112,32) float32
      * normalize on one thread about 10%, (32,64) float64 0.98 -> 0.90 us). */
     npy_intp group = 1;
-    if (b->fs0 == 0 && !BN_NAME(rows_one_by_one)(b, BN_SHORT_ROW_APPLY)) {
+    if (b->fs0 == 0 && !BN_NAME(rows_one_by_one)(b, BN_SHORT_ROW_APPLY, BN_LONG_ROW)) {
         group = BN_ROWS;
         for (npy_intp k = 0; k <= op_out; k++)
             if (b->s0[k] % BN_L1_WAY == 0)
