@@ -70,6 +70,10 @@ static BN_TARGET_ATTR BN_INLINE int BN_NAME(rows_one_by_one)(const bn_block *b,
 static BN_TARGET_ATTR BN_INLINE void
 BN_NAME(read_tile)(const char *p, npy_intp stride, npy_intp m, BN_C *dst)
 {
+    if (m == BN_LANES && stride == (npy_intp)sizeof(BN_T)) { /* contiguous: straight from memory */
+        BN_WIDEN_TILE(p, dst);
+        return;
+    }
     BN_T raw[BN_LANES];
     for (npy_intp l = 0; l < m; l++)
         memcpy(&raw[l], p + l * stride, sizeof(BN_T));
@@ -281,26 +285,24 @@ static BN_TARGET_ATTR BN_INLINE void BN_NAME(apply_tile)(
     for (npy_intp r = 0; r < rows; r++) {
         /* the row's elements as stored, then converted: memory and conversion in loops of their
          * own, which vectorize (a load that converts did not, for half precision) */
-        BN_T xr[BN_LANES], dyr[BN_LANES], t[BN_LANES];
+        BN_T t[BN_LANES];
         BN_C v[BN_LANES];
+#ifdef BN_WIDEN_TILE
+        /* the whole tile converted at once, so that the loop below computes on BN_C alone; a
+         * partial tile's lanes past m are zeros, computed and never stored */
+        BN_C xc[BN_LANES], dyc[BN_LANES];
+        BN_TILE_READ(xc, x + r * xs0, xs1, m);
+        if (has_dy)
+            BN_TILE_READ(dyc, dy + r * ds0, ds1, m);
+#define BN_XV(l) xc[l]
+#define BN_DYV(l) dyc[l]
+#else
+        BN_T xr[BN_LANES], dyr[BN_LANES];
         for (npy_intp l = 0; l < m; l++)
             memcpy(&xr[l], x + r * xs0 + l * xs1, sizeof(BN_T));
         if (has_dy)
             for (npy_intp l = 0; l < m; l++)
                 memcpy(&dyr[l], dy + r * ds0 + l * ds1, sizeof(BN_T));
-#ifdef BN_WIDEN_TILE
-        /* the whole tile converted at once, so that the loop below computes on BN_C alone; a
-         * partial tile's lanes past m are zeros, computed and never stored */
-        BN_C xc[BN_LANES], dyc[BN_LANES];
-        for (npy_intp l = 0; l < BN_LANES; l++)
-            if (l >= m)
-                xr[l] = dyr[l] = 0;
-        BN_WIDEN_TILE(xr, xc);
-        if (has_dy)
-            BN_WIDEN_TILE(dyr, dyc);
-#define BN_XV(l) xc[l]
-#define BN_DYV(l) dyc[l]
-#else
 #define BN_XV(l) BN_WIDEN(xr[l])
 #define BN_DYV(l) BN_WIDEN(dyr[l])
 #endif
@@ -322,13 +324,17 @@ static BN_TARGET_ATTR BN_INLINE void BN_NAME(apply_tile)(
         }
 #undef BN_XV
 #undef BN_DYV
+        char *orow = out + r * os0;
 #ifdef BN_NARROW_TILE
+        if (!stream && m == BN_LANES && os1 == (npy_intp)sizeof(BN_T)) { /* straight to memory */
+            BN_NARROW_TILE(v, orow);
+            continue;
+        }
         for (npy_intp l = 0; l < BN_LANES; l++)
             if (l >= m)
                 v[l] = 0;
         BN_NARROW_TILE(v, t);
 #endif
-        char *orow = out + r * os0;
         if (stream)
             stream_store(orow, t, (size_t)m * sizeof(BN_T));
         else
