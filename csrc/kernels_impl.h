@@ -238,8 +238,10 @@ static BN_INLINE void BN_NAME(apply_tile)(
             t[l] = BN_NARROW(v[l]);
         }
         char *orow = out + r * os0;
-        if (stream)
+        if (stream) {
+            BN_KEEP_IN_MEMORY(t);
             stream_store(orow, t, (size_t)m * sizeof(BN_T));
+        }
         else
             for (npy_intp l = 0; l < m; l++)
                 memcpy(orow + l * os1, &t[l], sizeof(BN_T));
