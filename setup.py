@@ -37,7 +37,7 @@ else:
 # Debug information (CPython's flags ask for it) in DWARF 4: valgrind 3.19 cannot read clang 14's
 # DWARF 5 and ends the process it runs (tests/test_cpu_targets.py runs bnorm under it).
 compile_args.append("-gdwarf-4")
-# The kernels' thread pool (csrc/pool.c) is plain pthreads.
+# The kernels' thread pool (csrc/pool.c) is pthreads (Win32's threads on Windows).
 compile_args.append("-pthread")
 link_args.append("-pthread")
 # Flags that not every GCC-like compiler takes, used where it does (see BuildExt):
@@ -46,16 +46,24 @@ link_args.append("-pthread")
 #  -Wno-pass-failed (clang): clang warns for each `omp simd` loop it left scalar; those are the
 #    copies for a run-time tail length or loops it unrolled whole and vectorized as straight code.
 optional_args = ["-fopenmp-simd", "-Wno-pass-failed"]
+# MSVC (Windows wheels): C11 for `restrict`; its own pragmas only (C4068: `omp simd` unknown
+# without /openmp); no threads library to name: the pool uses Win32's threads there.
+msvc_args = ["/std:c11", "/O2", "/wd4068"]
 
 
 class BuildExt(build_ext):
-    """The flags above for GCC and clang; the ones a compiler rejects are left out."""
+    """The flags above for GCC and clang (the optional ones a compiler rejects left out), or
+    MSVC's."""
 
     def build_extensions(self):
-        extra = compile_args + [flag for flag in optional_args if self._accepts(flag)]
+        if self.compiler.compiler_type == "msvc":
+            extra, link = msvc_args, []
+        else:
+            extra = compile_args + [flag for flag in optional_args if self._accepts(flag)]
+            link = link_args
         for ext in self.extensions:
             ext.extra_compile_args = extra
-            ext.extra_link_args = link_args
+            ext.extra_link_args = link
         super().build_extensions()
 
     def _accepts(self, flag):
@@ -81,7 +89,7 @@ setup(
             ],
             depends=[
                 "csrc/args.h", "csrc/passes.h", "csrc/iter.h", "csrc/pool.h", "csrc/kernels.h",
-                "csrc/kernels_target.h", "csrc/kernels_impl.h", "csrc/buffers.h",
+                "csrc/kernels_target.h", "csrc/kernels_impl.h", "csrc/buffers.h", "csrc/threads.h",
             ],
             include_dirs=[numpy.get_include(), "csrc"],
             define_macros=[("NPY_NO_DEPRECATED_API", "NPY_1_25_API_VERSION")],
