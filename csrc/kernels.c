@@ -6,14 +6,21 @@
 #include <math.h>
 #include <stdint.h>
 #include <string.h>
-#if defined(__SSE2__)
+/* SSE2 is part of every x86-64 (MSVC says so with _M_X64 alone) */
+#if defined(__SSE2__) || defined(_M_X64)
+#define BN_SSE2 1
 #include <emmintrin.h>
 #endif
 #ifdef BN_X86_TARGETS
 #include <immintrin.h> /* F16C and AVX-512, used only in the functions compiled for them */
+#include <cpuid.h>
 #endif
 
+#if defined(_MSC_VER) && !defined(__clang__)
+#define BN_INLINE __forceinline
+#else
 #define BN_INLINE inline __attribute__((always_inline))
+#endif
 #define BN_LANES 16
 #define BN_ROWS 4 /* batch rows side by side */
 /* and in the statistics pass, which reads x alone: each group loads and stores the per-feature
@@ -49,7 +56,7 @@
  * Elsewhere, plain stores. */
 static BN_INLINE void stream_store(char *p, const void *src, size_t n)
 {
-#if defined(__SSE2__)
+#ifdef BN_SSE2
     for (size_t q = 0; q < n; q += 16)
         _mm_stream_si128((__m128i *)(p + q),
                          _mm_loadu_si128((const __m128i *)((const char *)src + q)));
@@ -58,10 +65,21 @@ static BN_INLINE void stream_store(char *p, const void *src, size_t n)
 #endif
 }
 
+/* t's elements are stored to memory here, before anything reads it.  For stream_store: clang
+ * otherwise forwards the tile's element stores into its 16-byte loads, which cuts the tile's
+ * arithmetic into pieces its SLP vectorizer no longer takes whole (3 scalar lanes, 8, 4 and 1:
+ * backward (64,56,56,64) float32 on one thread, x86-64-v3, 16.8 -> 8.3 ms with this).  GCC
+ * vectorizes the tile either way and streams from registers: nothing for it. */
+#ifdef __clang__
+#define BN_KEEP_IN_MEMORY(t) __asm__("" : : "r"(t) : "memory")
+#else
+#define BN_KEEP_IN_MEMORY(t) ((void)0)
+#endif
+
 /* Non-temporal stores are weakly ordered: fence them before another thread may read the output. */
 static BN_INLINE void stream_fence(void)
 {
-#if defined(__SSE2__)
+#ifdef BN_SSE2
     _mm_sfence();
 #endif
 }
@@ -206,23 +224,52 @@ const char *bn_target_name(bn_target target)
     return target_names[target];
 }
 
+#ifdef BN_X86_TARGETS
+/* CPUID and XGETBV read directly rather than through __builtin_cpu_supports: that builtin needs
+ * the compiler's runtime (__cpu_model, in libgcc or compiler-rt), which Apple's toolchain does
+ * not provide for x86-64, and clang 14's knows no "f16c".  A level counts when the CPU has every
+ * feature the compiler may use for it (-march=x86-64-vN) and the OS saves the registers' state:
+ * macOS turns on AVX-512's state only on a thread's first use, so there x86-64-v4 is not picked
+ * (v3 is). */
+static unsigned bits(unsigned leaf, unsigned sub, int reg)
+{
+    unsigned r[4] = {0, 0, 0, 0};
+    if (!__get_cpuid_count(leaf, sub, &r[0], &r[1], &r[2], &r[3]))
+        return 0;
+    return r[reg];
+}
+
+enum { EAX, EBX, ECX, EDX }; /* leaves past the CPU's last read as 0 */
+#define HAS(value, mask) (((value) & (mask)) == (mask))
+
 bn_target bn_best_target(void)
 {
-#ifdef BN_X86_TARGETS
-    __builtin_cpu_init();
-    /* the levels' features that the compiler may use in their code */
-    if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
-        __builtin_cpu_supports("avx512cd") && __builtin_cpu_supports("avx512dq") &&
-        __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx2") &&
-        __builtin_cpu_supports("fma") && __builtin_cpu_supports("bmi2"))
+    /* leaf 1, ECX: SSE3, SSSE3, FMA, CX16, SSE4.1, SSE4.2, MOVBE, POPCNT, OSXSAVE, AVX, F16C */
+    const unsigned v3_leaf1 = 1u << 0 | 1u << 9 | 1u << 12 | 1u << 13 | 1u << 19 | 1u << 20 |
+                              1u << 22 | 1u << 23 | 1u << 27 | 1u << 28 | 1u << 29;
+    /* leaf 7, EBX: BMI1, AVX2, BMI2; then AVX512F, AVX512DQ, AVX512CD, AVX512BW, AVX512VL */
+    const unsigned v3_leaf7 = 1u << 3 | 1u << 5 | 1u << 8;
+    const unsigned v4_leaf7 = 1u << 16 | 1u << 17 | 1u << 28 | 1u << 30 | 1u << 31;
+    /* leaf 0x80000001, ECX: LAHF/SAHF, LZCNT */
+    const unsigned v3_ext = 1u << 0 | 1u << 5;
+    if (!HAS(bits(1, 0, ECX), v3_leaf1) ||
+        !HAS(bits(7, 0, EBX), v3_leaf7) || !HAS(bits(0x80000001u, 0, ECX), v3_ext))
+        return BN_TARGET_BASELINE;
+    /* XCR0: the state the OS saves (OSXSAVE, checked above, says XGETBV exists) */
+    unsigned xcr0, xcr0_high;
+    __asm__("xgetbv" : "=a"(xcr0), "=d"(xcr0_high) : "c"(0));
+    if (!HAS(xcr0, 0x6u)) /* SSE and AVX registers */
+        return BN_TARGET_BASELINE;
+    if (HAS(bits(7, 0, EBX), v4_leaf7) && HAS(xcr0, 0xe0u)) /* opmasks, ZMM 0-15 and 16-31 */
         return BN_TARGET_X86_64_V4;
-    if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") &&
-        __builtin_cpu_supports("bmi") && __builtin_cpu_supports("bmi2") &&
-        __builtin_cpu_supports("f16c"))
-        return BN_TARGET_X86_64_V3;
-#endif
+    return BN_TARGET_X86_64_V3;
+}
+#else
+bn_target bn_best_target(void)
+{
     return BN_TARGET_BASELINE;
 }
+#endif
 
 void bn_use_target(bn_target target)
 {

@@ -68,10 +68,11 @@ typedef struct {
 typedef enum { BN_FLOAT32, BN_FLOAT64, BN_FLOAT16, BN_BFLOAT16, BN_NDTYPES } bn_dtype;
 
 /* The CPU targets the kernels are compiled for, from the most widely runnable to the fastest.
- * Outside x86-64 (and with compilers other than GCC) only the baseline is built. */
+ * The x86-64 levels need GCC's or clang's target attribute and __builtin_cpu_supports (both
+ * define __GNUC__; MSVC and clang-cl do not): elsewhere only the baseline is built. */
 typedef enum {
     BN_TARGET_BASELINE,
-#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
+#if defined(__x86_64__) && defined(__GNUC__)
 #define BN_X86_TARGETS 1
     BN_TARGET_X86_64_V3, /* AVX2 + FMA */
     BN_TARGET_X86_64_V4, /* AVX-512 */

@@ -335,8 +335,10 @@ static BN_TARGET_ATTR BN_INLINE void BN_NAME(apply_tile)(
                 v[l] = 0;
         BN_NARROW_TILE(v, t);
 #endif
-        if (stream)
+        if (stream) {
+            BN_KEEP_IN_MEMORY(t);
             stream_store(orow, t, (size_t)m * sizeof(BN_T));
+        }
         else
             for (npy_intp l = 0; l < m; l++)
                 memcpy(orow + l * os1, &t[l], sizeof(BN_T));

@@ -4,7 +4,8 @@
  * loop that spinning takes the cores OpenBLAS needs for the next matmul (bnorm's layer was slower
  * than NumPy's in examples/digits_mlp.py).  These workers sleep between jobs.  The caller works on
  * the job itself and takes pieces from a shared counter, so a worker that wakes late finds the job
- * done and costs nothing; a small job never waits for a thread to start.  Plain C and pthreads.
+ * done and costs nothing; a small job never waits for a thread to start.  Plain C: pthreads, or
+ * Win32 threads on Windows (threads.h).
  */
 #ifndef BNORM_POOL_H
 #define BNORM_POOL_H
