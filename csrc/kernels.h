@@ -68,7 +68,8 @@ typedef struct {
 typedef enum { BN_FLOAT32, BN_FLOAT64, BN_FLOAT16, BN_BFLOAT16, BN_NDTYPES } bn_dtype;
 
 /* The CPU targets the kernels are compiled for, from the most widely runnable to the fastest.
- * Outside x86-64 (and with compilers other than GCC) only the baseline is built. */
+ * Outside x86-64 (and with compilers other than GCC) only the baseline is built; on aarch64 it
+ * is named "neon" (AdvSIMD is part of aarch64's baseline, and the kernels vectorize for it). */
 typedef enum {
     BN_TARGET_BASELINE,
 #if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
@@ -79,7 +80,7 @@ typedef enum {
     BN_NTARGETS
 } bn_target;
 
-/* "baseline", "x86-64-v3", "x86-64-v4" */
+/* "baseline", "x86-64-v3", "x86-64-v4"; "neon" on aarch64 */
 const char *bn_target_name(bn_target target);
 
 /* The best target this CPU runs. */
