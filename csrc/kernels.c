@@ -53,7 +53,7 @@
 
 /* Non-temporal stores of n bytes (a multiple of 16) to p, 16-byte aligned at least.  SSE2's 16-byte
  * stores exist in every x86-64 build; the write-combining buffers merge them into whole lines.
- * Elsewhere, plain stores. */
+ * Elsewhere (aarch64 included, whose stnp is only a hint), plain stores. */
 static BN_INLINE void stream_store(char *p, const void *src, size_t n)
 {
 #ifdef BN_SSE2
@@ -210,7 +210,11 @@ static const bn_rstd_fn rstd_table[BN_NTARGETS] = {
 };
 
 static const char *const target_names[BN_NTARGETS] = {
+#if defined(__aarch64__)
+    "neon", /* AdvSIMD is part of aarch64's baseline: the plain build's kernels use it */
+#else
     "baseline",
+#endif
 #ifdef BN_X86_TARGETS
     "x86-64-v3",
     "x86-64-v4",

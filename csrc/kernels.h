@@ -69,7 +69,8 @@ typedef enum { BN_FLOAT32, BN_FLOAT64, BN_FLOAT16, BN_BFLOAT16, BN_NDTYPES } bn_
 
 /* The CPU targets the kernels are compiled for, from the most widely runnable to the fastest.
  * The x86-64 levels need GCC's or clang's target attribute and __builtin_cpu_supports (both
- * define __GNUC__; MSVC and clang-cl do not): elsewhere only the baseline is built. */
+ * define __GNUC__; MSVC and clang-cl do not): elsewhere only the baseline is built; on aarch64 it
+ * is named "neon" (AdvSIMD is part of aarch64's baseline, and the kernels vectorize for it). */
 typedef enum {
     BN_TARGET_BASELINE,
 #if defined(__x86_64__) && defined(__GNUC__)
@@ -80,7 +81,7 @@ typedef enum {
     BN_NTARGETS
 } bn_target;
 
-/* "baseline", "x86-64-v3", "x86-64-v4" */
+/* "baseline", "x86-64-v3", "x86-64-v4"; "neon" on aarch64 */
 const char *bn_target_name(bn_target target);
 
 /* The best target this CPU runs. */

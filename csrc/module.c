@@ -708,7 +708,7 @@ static PyMethodDef methods[] = {
      "cpu_target($module)\n--\n\n"
      "The name of the CPU target whose kernels are in use: \"baseline\", \"x86-64-v3\" or\n"
      "\"x86-64-v4\" (the best the CPU has, capped by the environment variable BNORM_CPU\n"
-     "at import)."},
+     "at import); \"neon\" on aarch64."},
     {NULL, NULL, 0, NULL},
 };
 
