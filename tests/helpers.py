@@ -44,7 +44,8 @@ __all__ = ["AxisError", "F32", "F64", "DTYPES", "TOL64", "TOL32", "TOL32_REF", "
            "norm_axes", "oracle_layer_norm", "oracle_layer_norm_backward", "oracle_rms_norm",
            "oracle_rms_norm_backward", "oracle_group_norm", "oracle_group_norm_backward",
            "to_param_shape",
-           "assert_raises_untouched", "BNORM_PARENT", "child_env", "run_threads", "rss_bytes", "asan_loaded"]
+           "assert_raises_untouched", "BNORM_PARENT", "child_env", "run_threads", "rss_bytes",
+           "asan_loaded"]
 
 # --------------------------------------------------------------------------- dtypes, tolerances
 F32, F64 = np.float32, np.float64
