@@ -55,6 +55,26 @@ near-zero elements can change), and the other peers' y against bnorm's, their gr
 bnorm's unfused backward through the peer's own mask (``y > 0`` of its y), with the tolerances of
 the cross-check below.
 
+Family rows (issue 15): layer norm and RMS norm on (4096,1024) and (32,512,768) (the last axis
+normalized), group norm with 32 groups on (32,64,56,56) NCHW and on the same data NHWC
+(``axis=-1``), float32 and float64, ops ``fwd``, ``bwd`` and ``step`` (``--quick``: LayerNorm
+(4096,1024) and GroupNorm NCHW, float32; ``--family-cases small``: every kind on small shapes,
+a smoke test; ``none``: no family rows).  eps 1e-5 everywhere.  A table and a summary of their
+own, and their peers:
+
+* ``bnorm``: ``bnorm.layer_norm`` / ``rms_norm`` / ``group_norm`` and their backwards, fresh
+  outputs;
+* ``NumPy``: the textbook code of ``bnorm.reference`` (``layer_norm_forward`` /
+  ``layer_norm_backward`` with their cache tuple, the RMS norm and NCHW group norm alike); for
+  NHWC group norm the user's transposes around it (``x.transpose(0, 3, 1, 2)`` in, the results
+  transposed back as views);
+* ``PyTorch``: ``F.layer_norm`` / ``F.rms_norm`` / ``F.group_norm`` under autograd (the NHWC case
+  as a ``channels_last`` view of the same buffer), the same ops as for batch norm.
+
+Their cross-check: every peer's y, dx, dgamma (and dbeta) against bnorm's, with the tolerances
+of the cross-check below.  Bandwidth counts what a kernel that keeps a row (or a group) in cache
+moves: fwd 2B (read x, write y), bwd 3B (read x and dy, write dx), step 5B.
+
 Operations (gamma and beta are per-feature arrays; training updates running statistics):
 
 * ``fwd``: training forward.  PyTorch runs with grad enabled (``x``, weight and bias require
@@ -425,6 +445,286 @@ def relu_ops(case, torch):
     return steps, outputs
 
 
+# --------------------------------------------------------------------------------------------
+# the family (issue 15): layer norm, RMS norm, group norm
+
+FAMILY_OPS = ("fwd", "bwd", "step")
+FAMILY_OP_NAMES = {"fwd": "fwd", "bwd": "bwd", "step": "fwd+bwd"}
+FAMILY_BYTES = {"fwd": 2, "bwd": 3, "step": 5}   # read x (and dy) once, write once
+FAMILY_EPS = 1e-5
+SMALL = "small"     # --family-cases small: every kind on small shapes
+FAMILY_CASES = [
+    # name, kind, shape (NCHW for group norm: its NHWC case is the same data transposed),
+    # layout, groups, the runs it is in
+    ("LayerNorm {}", "layer norm", (4096, 1024), "rows", None, (SUITE, QUICK)),
+    ("LayerNorm {}", "layer norm", (32, 512, 768), "rows", None, (SUITE,)),
+    ("RMSNorm {}", "RMS norm", (4096, 1024), "rows", None, (SUITE,)),
+    ("RMSNorm {}", "RMS norm", (32, 512, 768), "rows", None, (SUITE,)),
+    ("GroupNorm NCHW {} groups=32", "group norm", (32, 64, 56, 56), "nchw", 32, (SUITE, QUICK)),
+    ("GroupNorm NHWC {} groups=32 axis=-1", "group norm", (32, 64, 56, 56), "nhwc", 32,
+     (SUITE,)),
+    ("LayerNorm {}", "layer norm", (64, 256), "rows", None, (SMALL,)),
+    ("RMSNorm {}", "RMS norm", (4, 16, 96), "rows", None, (SMALL,)),
+    ("GroupNorm NCHW {} groups=4", "group norm", (4, 16, 8, 8), "nchw", 4, (SMALL,)),
+    ("GroupNorm NHWC {} groups=4 axis=-1", "group norm", (4, 16, 8, 8), "nhwc", 4, (SMALL,)),
+]
+
+
+class FamilyCase:
+    """One family benchmark input: x, dy (NHWC: the NCHW draws transposed, made contiguous),
+    gamma and beta, in float32 or float64."""
+
+    def __init__(self, name, kind, shape, layout, groups, dtype, seed=0):
+        self.name, self.group, self.kind, self.layout = name, kind, kind, layout
+        self.groups = groups
+        self.dtype = np.dtype(dtype)
+        rng = np.random.default_rng(seed)
+        x = (rng.standard_normal(shape, dtype=self.dtype) * 2 + 0.5).astype(self.dtype)
+        dy = rng.standard_normal(shape, dtype=self.dtype)
+        if layout == "nhwc":
+            x, dy = (np.ascontiguousarray(a.transpose(0, 2, 3, 1)) for a in (x, dy))
+        self.x, self.dy = x, dy
+        self.axis = {"rows": -1, "nchw": 1, "nhwc": -1}[layout]
+        n = x.shape[self.axis]
+        self.gamma = (1 + 0.1 * rng.standard_normal((n,))).astype(self.dtype)
+        self.beta = (0.1 * rng.standard_normal((n,))).astype(self.dtype)
+
+    @property
+    def nbytes(self):
+        return self.x.size * self.x.itemsize
+
+    @property
+    def large(self):
+        return self.nbytes >= LARGE_BYTES
+
+
+def make_family_cases(quick, dtypes, only=None, which="default"):
+    """FamilyCase constructors for this run (float32/float64 of dtypes; only: as make_cases)."""
+    if which == "none":
+        return
+    run = SMALL if which == SMALL else QUICK if quick else SUITE
+    for dtype in dtypes:
+        if np.dtype(dtype).name not in ("float32", "float64"):
+            continue
+        for name, kind, shape, layout, groups, runs in FAMILY_CASES:
+            shown = shape if layout != "nhwc" else (shape[0],) + shape[2:] + (shape[1],)
+            full_name = name.format(shape_str(shown))
+            if run not in runs or only and not any(o in full_name for o in only):
+                continue
+            yield functools.partial(FamilyCase, full_name, kind, shape, layout, groups, dtype)
+
+
+def family_bnorm_ops(case):
+    x, dy, g, b, ax, G = case.x, case.dy, case.gamma, case.beta, case.axis, case.groups
+    if case.kind == "layer norm":
+        def fwd():
+            return bnorm.layer_norm(x, g, b, axis=ax, eps=FAMILY_EPS)
+
+        def bwd_of(y, mean, rstd):
+            return bnorm.layer_norm_backward(dy, x, mean, rstd, g, axis=ax)
+    elif case.kind == "RMS norm":
+        def fwd():
+            return bnorm.rms_norm(x, g, axis=ax, eps=FAMILY_EPS)
+
+        def bwd_of(y, rrms):
+            return bnorm.rms_norm_backward(dy, x, rrms, g, axis=ax)
+    else:
+        def fwd():
+            return bnorm.group_norm(x, G, g, b, axis=ax, eps=FAMILY_EPS)
+
+        def bwd_of(y, mean, rstd):
+            return bnorm.group_norm_backward(dy, x, mean, rstd, G, g, axis=ax)
+    saved = fwd()
+
+    def step():
+        out = fwd()
+        return (out[0],) + bwd_of(*out)
+
+    return {"fwd": fwd, "bwd": lambda: bwd_of(*saved), "step": step}, step
+
+
+def family_numpy_ops(case):
+    """The textbook NumPy code of bnorm.reference; NHWC group norm through transposed views."""
+    x, dy, g, b, G = case.x, case.dy, case.gamma, case.beta, case.groups
+    if case.kind == "layer norm":
+        def fwd():
+            return reference.layer_norm_forward(x, g, b, FAMILY_EPS)
+        bwd_of = reference.layer_norm_backward
+    elif case.kind == "RMS norm":
+        def fwd():
+            return reference.rms_norm_forward(x, g, FAMILY_EPS)
+        bwd_of = reference.rms_norm_backward
+    elif case.layout == "nchw":
+        def fwd():
+            return reference.group_norm_forward(x, g, b, G, FAMILY_EPS)
+        bwd_of = reference.group_norm_backward
+    else:
+        to_nchw, to_nhwc = (0, 3, 1, 2), (0, 2, 3, 1)
+
+        def fwd():
+            y, cache = reference.group_norm_forward(x.transpose(to_nchw), g, b, G, FAMILY_EPS)
+            return y.transpose(to_nhwc), cache
+
+        def bwd_of(dy, cache):
+            dx, dgamma, dbeta = reference.group_norm_backward(dy.transpose(to_nchw), cache)
+            return dx.transpose(to_nhwc), dgamma, dbeta
+    saved = fwd()[1]
+
+    def step():
+        y, cache = fwd()
+        return (y,) + bwd_of(dy, cache)
+
+    return {"fwd": fwd, "bwd": lambda: bwd_of(dy, saved), "step": step}, step
+
+
+def family_torch_ops(case, torch):
+    F = torch.nn.functional
+    if case.layout == "nhwc":   # an NCHW view of the NHWC buffer: channels_last, no copy
+        def to_t(a):
+            return torch.from_numpy(a).permute(0, 3, 1, 2)
+
+        def to_np(t):
+            return t.detach().permute(0, 2, 3, 1).numpy()
+    else:
+        to_t = torch.from_numpy
+
+        def to_np(t):
+            return t.detach().numpy()
+    x, dy = to_t(case.x), to_t(case.dy)
+    assert x.data_ptr() == case.x.ctypes.data and dy.data_ptr() == case.dy.ctypes.data
+    xg = x.detach().requires_grad_()
+    w = torch.from_numpy(case.gamma.copy()).requires_grad_()
+    b = torch.from_numpy(case.beta.copy()).requires_grad_()
+    shape = case.x.shape[-1:]
+    if case.kind == "layer norm":
+        def fwd():
+            return F.layer_norm(xg, shape, w, b, FAMILY_EPS)
+        inputs = (xg, w, b)
+    elif case.kind == "RMS norm":
+        def fwd():
+            return F.rms_norm(xg, shape, w, FAMILY_EPS)
+        inputs = (xg, w)
+    else:
+        def fwd():
+            return F.group_norm(xg, case.groups, w, b, FAMILY_EPS)
+        inputs = (xg, w, b)
+    retained = fwd()
+
+    def step():
+        y = fwd()
+        return (y,) + torch.autograd.grad(y, inputs, dy)
+
+    def outputs():
+        y, dx, *grads = step()
+        return (to_np(y), to_np(dx)) + tuple(g.numpy() for g in grads)
+
+    return {"fwd": fwd, "bwd": lambda: torch.autograd.grad(retained, inputs, dy,
+                                                           retain_graph=True),
+            "step": step}, outputs
+
+
+def check_family(case, outputs):
+    """Each peer's (y, dx, dgamma[, dbeta]) against bnorm's; returns a list of problems."""
+    ref = [np.asarray(a, np.float64) for a in outputs["bnorm"]]
+    rtol = 1e-3 if case.dtype == np.float32 else 1e-9
+    problems = []
+    for peer, outs in outputs.items():
+        if peer == "bnorm":
+            continue
+        if len(outs) != len(ref):
+            problems.append(f"{case.name} {case.dtype}: {peer} gives {len(outs)} results, "
+                            f"bnorm {len(ref)}")
+        for n, a, r in zip(OUTPUT_NAMES, outs, ref):
+            err = max_rel_err(np.asarray(a, np.float64), r)
+            if not err <= rtol:
+                problems.append(f"{case.name} {case.dtype}: {peer} {n} differs from bnorm "
+                                f"(max rel err {err:.2g})")
+    return problems
+
+
+def time_family_case(case, args, torch):
+    """{op: {contender: seconds per call}} of one family case and the cross-check's problems
+    (time_case's shape: no half-precision errors, no note)."""
+    peers, outputs = {}, {}
+    peers["bnorm"], outputs["bnorm"] = family_bnorm_ops(case)
+    peers["NumPy"], outputs["NumPy"] = family_numpy_ops(case)
+    if torch is not None:
+        peers["PyTorch"], outputs["PyTorch"] = family_torch_ops(case, torch)
+    problems = []
+    if not args.no_check:
+        problems = check_family(case, {k: f() for k, f in outputs.items()})
+    copy = copy_op(case)
+    times = {}
+    for op in FAMILY_OPS:
+        fns = {name: ops[op] for name, ops in peers.items()}
+        fns["copy"] = copy
+        times[op] = measure(fns, args.budget, args.rounds)
+    return times, problems, [], None
+
+
+def family_rows(meta, times):
+    rows = []
+    for op in FAMILY_OPS:
+        t = times[op]
+        tb = t["bnorm"]
+        copy_bw = 2 * meta["nbytes"] / t["copy"] / 1e9
+        bw = FAMILY_BYTES[op] * meta["nbytes"] / tb / 1e9
+        rows.append({"case": meta["name"], "group": meta["group"], "dtype": meta["dtype"],
+                     "op": op, "large": meta["large"], "bnorm": tb, "numpy": t.get("NumPy"),
+                     "torch": t.get("PyTorch"), "vs_numpy": ratio(t.get("NumPy"), tb),
+                     "vs_torch": ratio(t.get("PyTorch"), tb), "bw": bw, "copy_bw": copy_bw,
+                     "pct": 100 * bw / copy_bw})
+    return rows
+
+
+FAMILY_TARGETS = {"vs_torch": 1.5, "vs_numpy_step": 10.0}
+
+
+def family_lines(rows):
+    """The family rows' introduction, table and summary (issue 15's targets)."""
+    out = ["Normalization family (layer norm, RMS norm, group norm), eps 1e-5: `NumPy` is the "
+           "textbook code of `bnorm.reference` (cache tuple, hand-written backward; NHWC group "
+           "norm through transposes), PyTorch `F.layer_norm` / `F.rms_norm` / `F.group_norm` "
+           "under autograd (NHWC: channels_last). Speed-ups are peer time / bnorm time. "
+           "Bandwidth: fwd 2B (read x, write y), bwd 3B (read x, dy, write dx), fwd+bwd 5B.", ""]
+    cols = ["case", "dtype", "op", "bnorm", "NumPy", "PyTorch", "NumPy/bnorm", "PyTorch/bnorm",
+            "bnorm GB/s", "copy GB/s", "% copy"]
+    out += ["| " + " | ".join(cols) + " |",
+            "|" + "|".join("---" if i < 3 else "---:" for i in range(len(cols))) + "|"]
+    for r in rows:
+        out.append("| " + " | ".join([
+            r["case"], r["dtype"], FAMILY_OP_NAMES[r["op"]], fmt_time(r["bnorm"]),
+            fmt_time(r["numpy"]),
+            fmt_time(r["torch"]), fmt_ratio(r["vs_numpy"]), fmt_ratio(r["vs_torch"]),
+            f"{r['bw']:.1f}", f"{r['copy_bw']:.1f}", f"{r['pct']:.0f}%"]) + " |")
+
+    def stat(sel, key):
+        vals = [r[key] for r in sel if r[key] is not None]
+        return "n/a" if not vals else f"{statistics.median(vals):.2f}x [{min(vals):.2f}x]"
+
+    out += ["", "Summary of the family rows: median [min] speed-up of bnorm over every op, and "
+            "over the full step (fwd+bwd) alone. Issue 15's targets, on 2 threads: >= "
+            f"{FAMILY_TARGETS['vs_torch']:g}x over PyTorch on every row, >= "
+            f"{FAMILY_TARGETS['vs_numpy_step']:g}x over the NumPy baseline on the full step.",
+            ""]
+    for label, sel in [(k, [r for r in rows if r["group"] == k])
+                       for k in dict.fromkeys(r["group"] for r in rows)] + [("all", rows)]:
+        steps = [r for r in sel if r["op"] == "step"]
+        out.append(f"- {label}: vs NumPy {stat(sel, 'vs_numpy')}, vs PyTorch "
+                   f"{stat(sel, 'vs_torch')}; full step vs NumPy {stat(steps, 'vs_numpy')}, vs "
+                   f"PyTorch {stat(steps, 'vs_torch')}")
+    missed = [f"{r['case']} {r['dtype']} {FAMILY_OP_NAMES[r['op']]} (vs PyTorch "
+              f"{r['vs_torch']:.2f}x)"
+              for r in rows if r["vs_torch"] is not None
+              and r["vs_torch"] < FAMILY_TARGETS["vs_torch"]]
+    missed += [f"{r['case']} {r['dtype']} fwd+bwd (vs NumPy {r['vs_numpy']:.2f}x)"
+               for r in rows if r["op"] == "step" and r["vs_numpy"] is not None
+               and r["vs_numpy"] < FAMILY_TARGETS["vs_numpy_step"]]
+    out += ["", "Rows below issue 15's targets: " + ("; ".join(missed) if missed else "none")
+            + "."]
+    return out
+
+
 def copy_op(case):
     src = np.ascontiguousarray(case.dy)
     dst = np.empty_like(src)
@@ -730,13 +1030,14 @@ def time_case(case, args, torch):
     return times, problems, wrong, note
 
 
-def time_case_when_quiet(case, label, args, torch, monitor):
-    """time_case, re-run (after waiting for a quiet second) while other processes kept the CPUs
-    busy; also returns their load during the last attempt."""
+def time_case_when_quiet(case, label, args, torch, monitor, timer=None):
+    """timer (time_case by default), re-run (after waiting for a quiet second) while other
+    processes kept the CPUs busy; also returns their load during the last attempt."""
+    timer = timer or time_case
     for attempt in range(args.retries + 1):
         print(f"# {label} ...", end="", file=sys.stderr, flush=True)
         monitor.start()
-        times, problems, wrong, note = time_case(case, args, torch)
+        times, problems, wrong, note = timer(case, args, torch)
         load = monitor.stop()
         print(f" other processes used {load:.2f} CPUs", file=sys.stderr, flush=True)
         if load <= args.max_load:
@@ -1046,6 +1347,10 @@ def main(argv=None):
                    help="which float32/float64 cases get the ReLU rows (batch norm + ReLU, "
                    "fwd+bwd): the default ones (NHWC (64,56,56,64) and NCHW (64,64,56,56); "
                    "--quick: NHWC (8,112,112,32)), every case run, or none")
+    p.add_argument("--family-cases", choices=("default", SMALL, "none"), default="default",
+                   help="the normalization family's rows (layer norm, RMS norm, group norm; "
+                   "float32/float64): the default ones (--quick: LayerNorm (4096,1024) and "
+                   "GroupNorm NCHW float32), every kind on small shapes (a smoke test), or none")
     p.add_argument("--no-torch", action="store_true", help="skip PyTorch")
     p.add_argument("--glibc-defaults", action="store_true",
                    help="leave glibc's trim and mmap thresholds as they are (see Memory)")
@@ -1076,7 +1381,7 @@ def main(argv=None):
         torch.set_num_threads(bnorm.get_num_threads())
 
     t0 = time.perf_counter()
-    runs, problems, wrong, busy, notes = {}, [], [], [], {}
+    runs, fruns, problems, wrong, busy, notes = {}, {}, [], [], [], {}
     monitor = LoadMonitor()
     for repeat in range(args.repeats):
         for make in make_cases(args.quick, dtypes, args.case, args.relu_cases):
@@ -1094,9 +1399,24 @@ def main(argv=None):
             if note is not None:
                 notes.setdefault((meta["name"], meta["dtype"]), note)
             del case
+        for make in make_family_cases(args.quick, dtypes, args.case, args.family_cases):
+            case = make()
+            label = f"{case.name} {case.dtype}" + \
+                (f" (run {repeat + 1}/{args.repeats})" if args.repeats > 1 else "")
+            times, pr, _, _, load = time_case_when_quiet(case, label, args, torch, monitor,
+                                                         timer=time_family_case)
+            if load > args.max_load:
+                busy.append(f"{label} ({load:.2f} CPUs)")
+            meta = {"name": case.name, "group": case.group, "dtype": str(case.dtype),
+                    "nbytes": case.nbytes, "large": case.large}
+            fruns.setdefault((meta["name"], meta["dtype"]), (meta, []))[1].append(times)
+            problems += [p for p in pr if p not in problems]
+            del case
     medians = [(meta, median_times(times)) for meta, times in runs.values()]
     rows = [row for meta, times in medians for row in case_rows(meta, times)]
     relu = [r for r in (relu_row(meta, times) for meta, times in medians) if r is not None]
+    family = [row for meta, times in fruns.values()
+              for row in family_rows(meta, median_times(times))]
     elapsed = time.perf_counter() - t0
 
     full = [r for r in rows if not r["half"]]
@@ -1108,6 +1428,8 @@ def main(argv=None):
         lines += [""] + relu_lines(relu, list(notes.values()))
     if half:
         lines += [""] + half_lines(half, not args.no_out, wrong)
+    if family:
+        lines += [""] + family_lines(family)
     if busy:
         lines += ["", f"**Other processes were busy (> {args.max_load} CPUs on average) while "
                   f"timing, even after {args.retries} retries; these rows are unreliable:** "
@@ -1120,7 +1442,7 @@ def main(argv=None):
     if args.markdown:
         with open(args.markdown, "w", encoding="utf-8") as f:
             f.write(text)
-    if args.plot:
+    if args.plot and rows:
         try:
             plot(rows, args.plot)
         except ImportError:

@@ -2,7 +2,9 @@
 
 The kernels walk arrays of any rank, any set of feature axes and any strides (views, transposes,
 negative and zero strides) without copying them; float32 and float64.  See ``forward``,
-``backward`` and ``BatchNorm``; ``bnorm.reference`` is the blog post's NumPy code.
+``backward`` and ``BatchNorm``; layer, RMS and group norm (``layer_norm``, ``rms_norm``,
+``group_norm`` and the layers ``LayerNorm``, ``RMSNorm``, ``GroupNorm``) run on the same engine;
+``bnorm.reference`` is the blog post's NumPy code.
 """
 from . import _bnorm, reference
 from .phases import backward_apply, backward_sums, batch_stats, combine_stats, normalize
@@ -11,7 +13,7 @@ __version__ = "0.1.0"
 __all__ = ["forward", "backward", "BatchNorm", "get_num_threads", "set_num_threads",
            "set_buffer_cache", "cpu_target", "reference",
            "batch_stats", "combine_stats", "normalize", "backward_sums", "backward_apply",
-           "__version__"]
+           "LayerNorm", "RMSNorm", "GroupNorm", "__version__"]
 
 
 # forward and backward are the C functions themselves (their docstrings are in csrc/module.c):
@@ -36,5 +38,6 @@ def set_buffer_cache(max_bytes):
     """
     return _bnorm.set_buffer_cache(max_bytes)
 
-# Last: the layer calls the functions above.
+# Last: the layers call the functions above.
 from .layer import BatchNorm  # noqa: E402
+from .family import GroupNorm, LayerNorm, RMSNorm  # noqa: E402

@@ -1,7 +1,8 @@
 """Types of bnorm's C extension (csrc/module.c): the signatures its ``__text_signature__``s give.
 
 Inputs are anything ``np.asarray`` takes; outputs are arrays of a floating dtype (x's for ``y``,
-``dx``, ``mean``, ``rstd``; float64 for the split phases' statistics and sums).
+``dx``, ``mean``, ``rstd``, ``rrms``, float32 for half x's statistics; float64 for the split phases'
+statistics and sums).
 """
 from typing import Any
 
@@ -81,6 +82,69 @@ def backward_apply(
     activation: str | None = None,
     out: _Floats | None = None,
 ) -> _Floats: ...
+def layer_norm(
+    x: ArrayLike,
+    gamma: ArrayLike | None = None,
+    beta: ArrayLike | None = None,
+    *,
+    axis: _Axis = -1,
+    eps: float = 1e-05,
+    activation: str | None = None,
+    out: _Floats | None = None,
+) -> tuple[_Floats, _Floats, _Floats]: ...
+def layer_norm_backward(
+    dy: ArrayLike,
+    x: ArrayLike,
+    mean: ArrayLike,
+    rstd: ArrayLike,
+    gamma: ArrayLike | None = None,
+    *,
+    axis: _Axis = -1,
+    beta: ArrayLike | None = None,
+    activation: str | None = None,
+    out: _Floats | None = None,
+) -> tuple[_Floats, _Floats, _Floats]: ...
+def rms_norm(
+    x: ArrayLike,
+    gamma: ArrayLike | None = None,
+    *,
+    axis: _Axis = -1,
+    eps: float | None = None,
+    out: _Floats | None = None,
+) -> tuple[_Floats, _Floats]: ...
+def rms_norm_backward(
+    dy: ArrayLike,
+    x: ArrayLike,
+    rrms: ArrayLike,
+    gamma: ArrayLike | None = None,
+    *,
+    axis: _Axis = -1,
+    out: _Floats | None = None,
+) -> tuple[_Floats, _Floats]: ...
+def group_norm(
+    x: ArrayLike,
+    num_groups: int,
+    gamma: ArrayLike | None = None,
+    beta: ArrayLike | None = None,
+    *,
+    axis: int = 1,
+    eps: float = 1e-05,
+    activation: str | None = None,
+    out: _Floats | None = None,
+) -> tuple[_Floats, _Floats, _Floats]: ...
+def group_norm_backward(
+    dy: ArrayLike,
+    x: ArrayLike,
+    mean: ArrayLike,
+    rstd: ArrayLike,
+    num_groups: int,
+    gamma: ArrayLike | None = None,
+    *,
+    axis: int = 1,
+    beta: ArrayLike | None = None,
+    activation: str | None = None,
+    out: _Floats | None = None,
+) -> tuple[_Floats, _Floats, _Floats]: ...
 def get_num_threads() -> int: ...
 def set_num_threads(n: int, /) -> None: ...
 def set_buffer_cache(max_bytes: int, /) -> int: ...

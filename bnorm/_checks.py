@@ -1,5 +1,6 @@
-"""What ``BatchNorm`` (layer.py) and ``SyncBatchNorm`` (mpi.py) both check, and the running-average
-update that ``SyncBatchNorm`` does in Python.
+"""What ``BatchNorm`` (layer.py), ``SyncBatchNorm`` (mpi.py) and the family's layers (family.py)
+check, the loading of their state dicts, and the running-average update that ``SyncBatchNorm``
+does in Python.
 
 The eps and momentum checks raise what the C ``bnorm.forward`` raises (ValueError for NaN, inf or
 a value out of range, TypeError for what is not a real number) and reject bools too, so that the
@@ -13,7 +14,7 @@ import math
 import numbers
 import operator
 import sys
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any, Tuple, Union
 
 import numpy as np
@@ -48,20 +49,21 @@ def axis_spec(axis: object) -> Axis:
     return axes
 
 
-def feature_shape(num_features: object) -> Shape:
-    """``num_features`` (an int or a tuple of ints) as the feature shape ``F``."""
+def feature_shape(num_features: object, name: str = "num_features") -> Shape:
+    """``num_features`` (an int or a tuple of ints) as the feature shape ``F`` (``name``: the
+    argument's name in the errors, e.g. a layer norm's ``normalized_shape``)."""
     if isinstance(num_features, (bool, np.bool_)):
-        raise TypeError("num_features must be an int or a tuple of ints, got a bool")
+        raise TypeError(f"{name} must be an int or a tuple of ints, got a bool")
     if isinstance(num_features, numbers.Integral):
         shape: Shape = (operator.index(num_features),)
     else:
         try:
             shape = tuple(operator.index(n) for n in num_features)  # type: ignore[attr-defined]
         except TypeError:
-            raise TypeError(f"num_features must be an int or a tuple of ints, got "
+            raise TypeError(f"{name} must be an int or a tuple of ints, got "
                             f"{num_features!r}") from None
     if not shape or any(n < 1 for n in shape):
-        raise ValueError(f"num_features must be a non-empty shape of positive sizes, got "
+        raise ValueError(f"{name} must be a non-empty shape of positive sizes, got "
                          f"{num_features!r}")
     return shape
 
@@ -205,6 +207,64 @@ def is_bfloat16(dtype: np.dtype[Any]) -> bool:
     """ml_dtypes' bfloat16 (without importing ml_dtypes: a dtype of it means it is imported)."""
     ml_dtypes = sys.modules.get("ml_dtypes")
     return ml_dtypes is not None and dtype == np.dtype(ml_dtypes.bfloat16)
+
+
+def checked_state_arrays(state: Mapping[str, ArrayLike], names: tuple[str, ...], shape: Shape, *,
+                         strict: bool, known: Iterable[str],
+                         why_unexpected: Callable[[list[str]], str],
+                         shape_name: str = "the feature shape") -> dict[str, np.ndarray]:
+    """The arrays ``names`` of a layer's state dict ``state``, each checked, before the layer
+    writes any of them: a missing entry, a shape other than ``shape`` or, with ``strict``, a key
+    not in ``known`` raise ``ValueError`` (``why_unexpected(keys)`` is appended to the message);
+    an entry that is not real numbers (integers or floats: not bools, complex numbers or objects)
+    raises ``TypeError``."""
+    keys = set(state.keys())
+    missing = [k for k in names if k not in keys]
+    if missing:
+        raise ValueError(f"state dict is missing {missing}")
+    if strict:
+        unexpected = sorted(keys - set(known))
+        if unexpected:
+            raise ValueError(f"unexpected keys in state dict: {unexpected}"
+                             f"{why_unexpected(unexpected)}")
+    values = {}
+    for k in names:
+        v = np.asarray(state[k])
+        if v.dtype.kind not in "iuf" and not is_bfloat16(v.dtype):
+            raise TypeError(f"state dict entry {k!r} has dtype {v.dtype}, expected an array "
+                            f"of real numbers (integers or floats)")
+        if v.shape != shape:
+            raise ValueError(f"state dict entry {k!r} has shape {v.shape}, expected "
+                             f"{shape_name} {shape}")
+        values[k] = v
+    return values
+
+
+def copy_state_arrays(layer: object, values: Mapping[str, np.ndarray],
+                      dtype: np.dtype[Any]) -> None:
+    """Write ``checked_state_arrays``' result into the layer's arrays of those names, keeping
+    their identity (cast to ``dtype``); an array a user replaced by a read-only one is replaced
+    by a copy."""
+    for k, v in values.items():
+        target = getattr(layer, k)
+        if not target.flags.writeable:
+            setattr(layer, k, v.astype(dtype, copy=True))
+        else:
+            np.copyto(target, v, casting="unsafe")
+
+
+def torch_arrays(tensors: Mapping[str, Any], torch_names: Mapping[str, str],
+                 torch: Any) -> dict[str, np.ndarray]:
+    """NumPy copies of a PyTorch module's parameters and buffers ``{bnorm name: tensor}``: float32
+    or float64 only (bnorm's layers hold no other dtype from PyTorch), else ``TypeError`` naming
+    the tensor by ``torch_names``."""
+    arrays = {}
+    for name, tensor in tensors.items():
+        if tensor.dtype not in (torch.float32, torch.float64):
+            raise TypeError(f"from_torch: the module's {torch_names[name]} has dtype "
+                            f"{tensor.dtype}; bnorm's layers hold float32 or float64")
+        arrays[name] = tensor.detach().cpu().numpy().copy()
+    return arrays
 
 
 def check_writable(name: str, array: np.ndarray) -> None:

@@ -220,35 +220,13 @@ class BatchNorm:
         layer's count is then kept (it matters only for ``momentum=None``).  On error the layer
         is unchanged.
         """
-        names = self._array_names()
-        keys = set(state.keys())
-        missing = [k for k in names if k not in keys]
-        if missing:
-            raise ValueError(f"state dict is missing {missing}")
-        if strict:
-            unexpected = sorted(keys - set(self._state_names()))
-            if unexpected:
-                raise ValueError(f"unexpected keys in state dict: {unexpected}"
-                                 f"{self._why_not_state(unexpected)}")
-        values = {}
-        for k in names:
-            v = np.asarray(state[k])
-            if v.dtype.kind not in "iuf" and not _checks.is_bfloat16(v.dtype):
-                raise TypeError(f"state dict entry {k!r} has dtype {v.dtype}, expected an array "
-                                f"of real numbers (integers or floats)")
-            if v.shape != self.num_features:
-                raise ValueError(f"state dict entry {k!r} has shape {v.shape}, expected the "
-                                 f"feature shape {self.num_features}")
-            values[k] = v
+        values = _checks.checked_state_arrays(state, self._array_names(), self.num_features,
+                                              strict=strict, known=self._state_names(),
+                                              why_unexpected=self._why_not_state)
         count = None
-        if self.track_running_stats and _COUNT in keys:
+        if self.track_running_stats and _COUNT in state.keys():
             count = _checks.check_num_batches_tracked(state[_COUNT])
-        for k, v in values.items():
-            target = getattr(self, k)
-            if not target.flags.writeable:   # a user replaced it by a read-only array
-                setattr(self, k, v.astype(self.dtype, copy=True))
-            else:
-                np.copyto(target, v, casting="unsafe")
+        _checks.copy_state_arrays(self, values, self.dtype)
         if count is not None:
             self.num_batches_tracked = count
 
@@ -337,12 +315,7 @@ def _torch_layer_args(module: Any) -> tuple[int, dict[str, Any], dict[str, np.nd
         tensors.update(gamma=module.weight, beta=module.bias)
     if tracked:
         tensors.update(running_mean=module.running_mean, running_var=module.running_var)
-    state = {}
-    for name, tensor in tensors.items():
-        if tensor.dtype not in (torch.float32, torch.float64):
-            raise TypeError(f"from_torch: the module's {_TORCH_NAMES[name]} has dtype "
-                            f"{tensor.dtype}; bnorm's layers hold float32 or float64")
-        state[name] = tensor.detach().cpu().numpy().copy()
+    state = _checks.torch_arrays(tensors, _TORCH_NAMES, torch)
     if tracked:
         count = module.num_batches_tracked
         state[_COUNT] = np.array(0 if count is None else int(count), dtype=np.int64)

@@ -8,6 +8,18 @@ Two things live here:
   needs (any set of kept feature axes, beta, gamma broadcasting, explicit running statistics,
   inference-mode backward as ``dx = gamma * rstd * dy``), so the tests and benchmarks can call the
   post's code with bnorm's signature.  Nothing is optimised: this is the "NumPy user's own layer".
+
+And, not from the post, the rest of the family as NumPy users write it, the baselines that
+``bnorm.layer_norm``, ``rms_norm`` and ``group_norm`` are benchmarked against:
+
+* ``layer_norm_forward`` / ``layer_norm_backward``: over the last axis, with a cache tuple, the
+  way every "GPT in NumPy" writes it (Karpathy's llm.c ``layernorm.py``, picoGPT);
+* ``rms_norm_forward`` / ``rms_norm_backward``: the same for RMS norm (LLaMA's);
+* ``group_norm_forward`` / ``group_norm_backward``: NCHW, the channels in ``num_groups``
+  consecutive groups, as CS231n's spatial group norm.
+
+They compute in x's dtype (float32 sums for float32 data) and return ``(y, cache)`` and the
+gradients.
 """
 import numpy as np
 
@@ -16,7 +28,9 @@ try:
 except ImportError:  # NumPy < 2.0
     from numpy.core.numeric import normalize_axis_tuple  # type: ignore[no-redef]
 
-__all__ = ["MovingAverage", "PostBatchNorm", "forward", "backward"]
+__all__ = ["MovingAverage", "PostBatchNorm", "forward", "backward",
+           "layer_norm_forward", "layer_norm_backward", "rms_norm_forward",
+           "rms_norm_backward", "group_norm_forward", "group_norm_backward"]
 
 
 class MovingAverage:
@@ -125,3 +139,80 @@ def backward(dy, x, mean, rstd, gamma=None, *, axis=-1, training=True):
     dbeta = dy.sum(red)
     dgamma = g_gamma if gamma is None else _sum_to(g_gamma, np.shape(gamma))
     return dx.astype(x.dtype, copy=False), np.asarray(dgamma, x.dtype), np.asarray(dbeta, x.dtype)
+
+
+# ---------------------------------------------------------------------------------------------
+# The family, textbook NumPy (not from the post).
+
+def layer_norm_forward(x, gamma, beta, eps=1e-5):
+    """Layer norm over the last axis; returns ``(y, cache)``."""
+    C = x.shape[-1]
+    mean = x.sum(-1, keepdims=True) / C
+    xshift = x - mean
+    var = (xshift ** 2).sum(-1, keepdims=True) / C
+    rstd = (var + eps) ** -0.5
+    norm = xshift * rstd
+    y = norm * gamma + beta
+    cache = (x, gamma, mean, rstd)
+    return y, cache
+
+
+def layer_norm_backward(dy, cache):
+    """Gradients ``(dx, dgamma, dbeta)`` of ``layer_norm_forward``."""
+    x, gamma, mean, rstd = cache
+    batch = tuple(range(x.ndim - 1))
+    norm = (x - mean) * rstd
+    dbeta = dy.sum(batch)
+    dgamma = (dy * norm).sum(batch)
+    dnorm = dy * gamma
+    dx = dnorm - dnorm.mean(-1, keepdims=True) - (dnorm * norm).mean(-1, keepdims=True) * norm
+    dx *= rstd
+    return dx, dgamma, dbeta
+
+
+def rms_norm_forward(x, gamma, eps=1e-6):
+    """RMS norm over the last axis; returns ``(y, cache)``."""
+    rrms = 1.0 / np.sqrt((x ** 2).mean(-1, keepdims=True) + eps)
+    y = x * rrms * gamma
+    cache = (x, gamma, rrms)
+    return y, cache
+
+
+def rms_norm_backward(dy, cache):
+    """Gradients ``(dx, dgamma)`` of ``rms_norm_forward``."""
+    x, gamma, rrms = cache
+    norm = x * rrms
+    dgamma = (dy * norm).sum(tuple(range(x.ndim - 1)))
+    dnorm = dy * gamma
+    dx = rrms * (dnorm - norm * (dnorm * norm).mean(-1, keepdims=True))
+    return dx, dgamma
+
+
+def group_norm_forward(x, gamma, beta, num_groups, eps=1e-5):
+    """Group norm of NCHW ``x`` (any number of trailing spatial axes), gamma and beta of shape
+    ``(C,)``; returns ``(y, cache)``."""
+    N, C = x.shape[:2]
+    xg = x.reshape(N, num_groups, -1)
+    mean = xg.mean(-1, keepdims=True)
+    var = xg.var(-1, keepdims=True)
+    rstd = 1.0 / np.sqrt(var + eps)
+    norm = ((xg - mean) * rstd).reshape(x.shape)
+    per_channel = (1, C) + (1,) * (x.ndim - 2)
+    y = norm * gamma.reshape(per_channel) + beta.reshape(per_channel)
+    cache = (x, gamma, mean, rstd, num_groups)
+    return y, cache
+
+
+def group_norm_backward(dy, cache):
+    """Gradients ``(dx, dgamma, dbeta)`` of ``group_norm_forward``."""
+    x, gamma, mean, rstd, num_groups = cache
+    N, C = x.shape[:2]
+    per_channel = (1, C) + (1,) * (x.ndim - 2)
+    reduced = (0,) + tuple(range(2, x.ndim))
+    norm = (x.reshape(N, num_groups, -1) - mean) * rstd
+    dgamma = (dy * norm.reshape(x.shape)).sum(reduced)
+    dbeta = dy.sum(reduced)
+    dnorm = (dy * gamma.reshape(per_channel)).reshape(N, num_groups, -1)
+    dx = rstd * (dnorm - dnorm.mean(-1, keepdims=True)
+                 - norm * (dnorm * norm).mean(-1, keepdims=True))
+    return dx.reshape(x.shape), dgamma, dbeta

@@ -39,9 +39,13 @@ except ImportError:  # NumPy < 2.0
 
 __all__ = ["AxisError", "F32", "F64", "DTYPES", "TOL64", "TOL32", "TOL32_REF", "tol_oracle",
            "tol_ref", "axes_of", "fshape", "expand", "sum_to", "oracle_forward",
-           "oracle_backward", "mean_var", "amax", "assert_close", "stable_seed", "rng_for",
-           "randn", "readonly", "layer_snapshot", "assert_layer_unchanged", "BNORM_PARENT",
-           "child_env", "run_threads", "rss_bytes", "asan_loaded"]
+           "oracle_backward", "mean_var", "amax", "assert_close", "ulp", "stable_seed",
+           "rng_for", "randn", "readonly", "layer_snapshot", "assert_layer_unchanged",
+           "norm_axes", "oracle_layer_norm", "oracle_layer_norm_backward", "oracle_rms_norm",
+           "oracle_rms_norm_backward", "oracle_group_norm", "oracle_group_norm_backward",
+           "to_param_shape",
+           "assert_raises_untouched", "BNORM_PARENT", "child_env", "run_threads", "rss_bytes",
+           "asan_loaded"]
 
 # --------------------------------------------------------------------------- dtypes, tolerances
 F32, F64 = np.float32, np.float64
@@ -149,6 +153,139 @@ def mean_var(x, axis):
     return x64.mean(red), x64.var(red)
 
 
+# --------------------------------------------------------------------------- the family's oracles
+# docs/api.md's layer norm, RMS norm and group norm in float64 (the statistics in two passes),
+# forward and backward, for gamma/beta of the normalized axes' shape G (or broadcasting to it)
+# or of x's keepdims shape.
+def norm_axes(ndim, axis):
+    """(normalized axes sorted, the other axes) of a layer or RMS norm's ``axis``."""
+    norm = tuple(sorted(normalize_axis_tuple(axis, ndim)))
+    return norm, tuple(a for a in range(ndim) if a not in norm)
+
+
+def _param_on_x(v, shape, norm, other, default):
+    """gamma or beta (None, G-broadcastable or keepdims) laid out to broadcast against x."""
+    if v is None:
+        return np.asarray(default, F64)
+    v = np.asarray(v, F64)
+    if v.ndim == len(shape) and other and all(v.shape[a] == 1 for a in other):
+        return v                                                    # keepdims
+    return np.expand_dims(np.broadcast_to(v, tuple(shape[a] for a in norm)), other)
+
+
+def to_param_shape(g_x, gamma, axis):
+    """An x-shaped product (``dy * xhat``, ``dy``) of a layer or RMS norm summed over the axes
+    that are not normalized, down to gamma's shape (G for None)."""
+    norm, other = norm_axes(g_x.ndim, axis)
+    if gamma is None:
+        return g_x.sum(other)
+    gshape = np.shape(gamma)
+    if len(gshape) == g_x.ndim and other and all(gshape[a] == 1 for a in other):
+        g = g_x.sum(other, keepdims=True)
+        ones = tuple(i for i, n in enumerate(gshape) if n == 1 and g.shape[i] != 1)
+        return g.sum(ones, keepdims=True)
+    return sum_to(g_x.sum(other), gshape)
+
+
+def oracle_layer_norm(x, gamma=None, beta=None, axis=-1, eps=1e-5, activation=None):
+    """y, mean, rstd (mean and rstd of x's shape without the normalized axes)."""
+    x64 = np.asarray(x).astype(F64)
+    norm, other = norm_axes(x64.ndim, axis)
+    mean = x64.mean(norm, keepdims=True)
+    d = x64 - mean
+    rstd = 1.0 / np.sqrt((d * d).mean(norm, keepdims=True) + eps)
+    y = d * rstd * _param_on_x(gamma, x64.shape, norm, other, 1.0) + \
+        _param_on_x(beta, x64.shape, norm, other, 0.0)
+    if activation == "relu":
+        y = np.maximum(y, 0.0)
+    return y, mean.squeeze(norm), rstd.squeeze(norm)
+
+
+def oracle_layer_norm_backward(dy, x, mean, rstd, gamma=None, axis=-1):
+    """dx, dgamma (gamma's shape; G for None), dbeta (G)."""
+    x64, dy64 = np.asarray(x).astype(F64), np.asarray(dy).astype(F64)
+    norm, other = norm_axes(x64.ndim, axis)
+    m = np.expand_dims(np.asarray(mean, F64), norm)
+    r = np.expand_dims(np.asarray(rstd, F64), norm)
+    xhat = (x64 - m) * r
+    dxhat = dy64 * _param_on_x(gamma, x64.shape, norm, other, 1.0)
+    dx = r * (dxhat - dxhat.mean(norm, keepdims=True)
+              - xhat * (dxhat * xhat).mean(norm, keepdims=True))
+    return dx, to_param_shape(dy64 * xhat, gamma, axis), dy64.sum(other)
+
+
+def oracle_rms_norm(x, gamma=None, axis=-1, eps=None):
+    """y, rrms; ``eps=None`` is x's dtype's epsilon (as bnorm.rms_norm and PyTorch)."""
+    if eps is None:
+        import ml_dtypes   # its finfo knows bfloat16 as well as NumPy's dtypes
+        eps = float(ml_dtypes.finfo(np.asarray(x).dtype).eps)
+    x64 = np.asarray(x).astype(F64)
+    norm, other = norm_axes(x64.ndim, axis)
+    rrms = 1.0 / np.sqrt((x64 * x64).mean(norm, keepdims=True) + eps)
+    return x64 * rrms * _param_on_x(gamma, x64.shape, norm, other, 1.0), rrms.squeeze(norm)
+
+
+def oracle_rms_norm_backward(dy, x, rrms, gamma=None, axis=-1):
+    """dx, dgamma (gamma's shape; G for None)."""
+    x64, dy64 = np.asarray(x).astype(F64), np.asarray(dy).astype(F64)
+    norm, other = norm_axes(x64.ndim, axis)
+    r = np.expand_dims(np.asarray(rrms, F64), norm)
+    xhat = x64 * r
+    dxhat = dy64 * _param_on_x(gamma, x64.shape, norm, other, 1.0)
+    dx = r * (dxhat - xhat * (dxhat * xhat).mean(norm, keepdims=True))
+    return dx, to_param_shape(dy64 * xhat, gamma, axis)
+
+
+def _groups(a, axis, num_groups):
+    """x-shaped ``a`` as (N, num_groups, elements of a group), channel axis ``axis``."""
+    a = np.moveaxis(a, axis, 1)
+    return a.reshape(a.shape[0], num_groups, -1)
+
+
+def _ungroups(g, shape, axis):
+    """The inverse of ``_groups`` for an x of ``shape``."""
+    moved = np.moveaxis(np.empty(shape, dtype=bool), axis, 1).shape
+    return np.moveaxis(g.reshape(moved), 1, axis)
+
+
+def _per_channel(v, shape, axis, default):
+    if v is None:
+        return np.asarray(default, F64)
+    return np.asarray(v, F64).reshape([n if a == axis % len(shape) else 1
+                                       for a, n in enumerate(shape)])
+
+
+def oracle_group_norm(x, num_groups, gamma=None, beta=None, axis=1, eps=1e-5, activation=None):
+    """y, mean, rstd (shape (N, num_groups)); gamma, beta per channel (C,)."""
+    x64 = np.asarray(x).astype(F64)
+    xg = _groups(x64, axis, num_groups)
+    mean = xg.mean(2, keepdims=True)
+    d = xg - mean
+    rstd = 1.0 / np.sqrt((d * d).mean(2, keepdims=True) + eps)
+    xhat = _ungroups(d * rstd, x64.shape, axis)
+    y = xhat * _per_channel(gamma, x64.shape, axis, 1.0) + \
+        _per_channel(beta, x64.shape, axis, 0.0)
+    if activation == "relu":
+        y = np.maximum(y, 0.0)
+    return y, mean[..., 0], rstd[..., 0]
+
+
+def oracle_group_norm_backward(dy, x, mean, rstd, num_groups, gamma=None, axis=1):
+    """dx, dgamma, dbeta (per channel)."""
+    x64, dy64 = np.asarray(x).astype(F64), np.asarray(dy).astype(F64)
+    m = np.asarray(mean, F64)[..., None]
+    r = np.asarray(rstd, F64)[..., None]
+    xh = (_groups(x64, axis, num_groups) - m) * r
+    dxh = _groups(dy64 * _per_channel(gamma, x64.shape, axis, 1.0), axis, num_groups)
+    dx = r * (dxh - dxh.mean(2, keepdims=True) - xh * (dxh * xh).mean(2, keepdims=True))
+    red = tuple(a for a in range(x64.ndim) if a != axis % x64.ndim)
+    xhat = _ungroups(xh, x64.shape, axis)
+    dgamma = (dy64 * xhat).sum(red)
+    if gamma is not None:
+        dgamma = sum_to(dgamma, np.shape(gamma))
+    return _ungroups(dx, x64.shape, axis), dgamma, dy64.sum(red)
+
+
 # --------------------------------------------------------------------------- comparisons
 def amax(a):
     """max |a| as a float, 0 for an empty array."""
@@ -166,6 +303,32 @@ def assert_close(got, expected, tol, what="", scale=0.0):
         scale = 1.0
     np.testing.assert_allclose(got.astype(F64), expected, rtol=tol, atol=tol * scale,
                                err_msg=what)
+
+
+def ulp(v, dtype):
+    """The spacing of a 2-byte float ``dtype`` (float16, bfloat16) at each value of v (float64),
+    from the value rounded to it."""
+    r = np.asarray(v).astype(dtype)
+    # one more in the bits is the next value away from zero (inf after the largest)
+    away = (r.view(np.uint16) + np.uint16(1)).view(dtype)
+    with np.errstate(invalid="ignore"):
+        return np.abs(away.astype(F64) - r.astype(F64))
+
+
+def assert_raises_untouched(fn, kw, exc, match=None, args=()):
+    """fn(*args, **kw) raises exc (matching match), and leaves every array argument bit for bit as
+    it was."""
+    import pytest
+    arrays = [(f"argument {i}", v) for i, v in enumerate(args) if isinstance(v, np.ndarray)]
+    arrays += [(k, v) for k, v in kw.items() if isinstance(v, np.ndarray)]
+    before = [v.copy() for _, v in arrays]
+    with pytest.raises(exc, match=match) as info:
+        fn(*args, **kw)
+    assert not isinstance(info.value, SystemError)
+    for (k, a), b in zip(arrays, before):
+        assert a.dtype == b.dtype and a.shape == b.shape, k
+        assert a.tobytes() == b.tobytes(), f"{k} was modified by a failing call"
+    return info.value
 
 
 def layer_snapshot(layer):

@@ -96,3 +96,38 @@ def test_benchmark_runs_and_its_peers_agree(tmp_path):
     for dtype in FULL:
         assert re.search(rf"^- {re.escape(CASE)} {dtype}: bnorm fused = bnorm \+ NumPy ReLU "
                          r"bit for bit;", text, re.MULTILINE), text
+
+
+FAMILY_CASES = ("LayerNorm (64,256)", "RMSNorm (4,16,96)", "GroupNorm NCHW (4,16,8,8) groups=4",
+                "GroupNorm NHWC (4,8,8,16) groups=4 axis=-1")
+FAMILY_OPS = ("fwd", "bwd", "fwd+bwd")
+
+
+def test_family_rows_run_and_their_peers_agree(tmp_path):
+    """The normalization family's rows on their small shapes (--family-cases small), float32
+    and float64: every peer timed, its results cross-checked against bnorm's, the summary
+    against issue 15's targets printed."""
+    table = tmp_path / "family.md"
+    cmd = [sys.executable, str(ROOT / "benchmarks" / "bench.py"), "--family-cases", "small",
+           "--budget", "0.01", "--rounds", "1", "--retries", "0", "--markdown", str(table)]
+    for case in ("LayerNorm", "RMSNorm", "GroupNorm"):   # no batch-norm case has these names
+        cmd += ["--case", case]
+    for dtype in FULL:
+        cmd += ["--dtype", dtype]
+    run = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=child_env())
+    assert run.returncode == 0, run.stderr
+    text = table.read_text(encoding="utf-8")
+    assert "Cross-check problems" not in text, text
+    (family,) = tables(text)
+    assert sorted((r["case"], r["dtype"], r["op"]) for r in family) == sorted(
+        (case, dtype, op) for case in FAMILY_CASES for dtype in FULL for op in FAMILY_OPS)
+    torch_installed = importlib.util.find_spec("torch") is not None
+    for r in family:
+        for col in ("bnorm", "NumPy"):
+            assert re.fullmatch(TIME, r[col]), r
+        assert float(r["NumPy/bnorm"].rstrip("x")) > 0, r
+        assert (r["PyTorch"] != "n/a") == (r["PyTorch/bnorm"] != "n/a") == torch_installed, r
+    for kind in ("layer norm", "RMS norm", "group norm", "all"):
+        assert re.search(rf"^- {kind}: vs NumPy .*vs PyTorch .*full step vs NumPy ", text,
+                         re.MULTILINE), text
+    assert re.search(r"^Rows below issue 15's targets: ", text, re.MULTILINE)

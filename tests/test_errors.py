@@ -15,7 +15,7 @@ import warnings
 import ml_dtypes
 import numpy as np
 import pytest
-from helpers import AxisError, axes_of, readonly
+from helpers import AxisError, assert_raises_untouched, axes_of, readonly
 
 import bnorm
 
@@ -89,19 +89,6 @@ REQUIRED_ARGS = ([(f, "x") for f in FUNCS] + [(f, "dy") for f, a in DATA_ARGS if
                  [(f, a) for f, a in BROADCAST_ARGS if a in ("mean", "rstd")] +
                  [("backward_apply", "sum_dy"), ("backward_apply", "sum_dy_xmu"),
                   ("backward_apply", "count")])
-
-
-def assert_raises_untouched(fn, kw, exc, match=None):
-    """fn(**kw) raises exc (matching match), and leaves every array argument bit for bit as it was."""
-    arrays = {k: v for k, v in kw.items() if isinstance(v, np.ndarray)}
-    before = {k: v.copy() for k, v in arrays.items()}
-    with pytest.raises(exc, match=match) as info:
-        fn(**kw)
-    assert not isinstance(info.value, SystemError)
-    for k, a in arrays.items():
-        assert a.dtype == before[k].dtype and a.shape == before[k].shape, k
-        assert a.tobytes() == before[k].tobytes(), f"{k} was modified by a failing call"
-    return info.value
 
 
 def shapes_pattern(name, bad, good):

@@ -10,7 +10,7 @@
 import ml_dtypes
 import numpy as np
 import pytest
-from helpers import F32, F64, axes_of, oracle_backward, oracle_forward, stable_seed
+from helpers import F32, F64, axes_of, oracle_backward, oracle_forward, stable_seed, ulp
 
 import bnorm
 
@@ -22,15 +22,6 @@ IDS = ["float16", "bfloat16"]
 
 def every_value(dtype):
     return np.arange(65536, dtype=np.uint16).view(dtype)
-
-
-def ulp(v, dtype):
-    """The spacing of x's dtype at each value of v (float64), from the value rounded to it."""
-    r = v.astype(dtype)
-    # one more in the bits is the next value away from zero (inf after the largest)
-    away = (r.view(np.uint16) + np.uint16(1)).view(dtype)
-    with np.errstate(invalid="ignore"):
-        return np.abs(away.astype(F64) - r.astype(F64))
 
 
 def same_values(got, want):
