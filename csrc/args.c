@@ -2,6 +2,7 @@
 #include "args.h"
 
 #include <math.h>
+#include <string.h>
 
 #include "buffers.h"
 
@@ -242,15 +243,14 @@ static int parse_axis_item(PyObject *item, npy_intp ndim, char *is_kept, PyObjec
     return 0;
 }
 
-static int parse_layout(PyObject *axis, PyArrayObject *x, bn_layout *L)
+/* The axes axis names (an int or a sequence of them) as flags per axis of x. */
+static int parse_axes(PyObject *axis, PyArrayObject *x, char *is_kept)
 {
     const npy_intp ndim = PyArray_NDIM(x);
-    const npy_intp *shape = PyArray_DIMS(x);
     if (ndim == 0) {
         PyErr_SetString(AxisError, "bnorm: x is 0-d; it needs at least one axis");
         return -1;
     }
-    char is_kept[BN_MAXDIMS] = {0};
     if (PyTuple_Check(axis) || PyList_Check(axis)) {
         /* A tuple copy owns the items: an item's __index__ may empty a list while we hold its
          * items borrowed. */
@@ -268,6 +268,14 @@ static int parse_layout(PyObject *axis, PyArrayObject *x, bn_layout *L)
     } else if (parse_axis_item(axis, ndim, is_kept, axis) < 0) {
         return -1;
     }
+    return 0;
+}
+
+/* The layout keeping the axes flagged in is_kept. */
+static void layout_of(const char *is_kept, PyArrayObject *x, bn_layout *L)
+{
+    const npy_intp ndim = PyArray_NDIM(x);
+    const npy_intp *shape = PyArray_DIMS(x);
     L->ndim = ndim;
     L->shape = shape;
     L->nkept = 0;
@@ -287,6 +295,45 @@ static int parse_layout(PyObject *axis, PyArrayObject *x, bn_layout *L)
         L->fstride[d] = is_kept[d] ? step : 0;
         if (is_kept[d])
             step *= shape[d];
+    }
+    L->nparam = 0;
+}
+
+/* The call's layouts from axis, per the role axis has (see bn_axis_role). */
+static int parse_layouts(PyObject *axis, PyArrayObject *x, bn_axis_role role, bn_layout *L,
+                         bn_layout *P)
+{
+    char flagged[BN_MAXDIMS] = {0}, other[BN_MAXDIMS] = {0};
+    if (role == BN_AXIS_CHANNEL && (PyTuple_Check(axis) || PyList_Check(axis))) {
+        PyErr_Format(PyExc_TypeError, "bnorm: axis (the channel axis) must be an int, got %R",
+                     axis);
+        return -1;
+    }
+    if (parse_axes(axis, x, flagged) < 0)
+        return -1;
+    const npy_intp ndim = PyArray_NDIM(x);
+    switch (role) {
+    case BN_AXIS_KEPT:
+        layout_of(flagged, x, L);
+        break;
+    case BN_AXIS_NORMALIZED:
+        for (npy_intp d = 0; d < ndim; d++)
+            other[d] = !flagged[d];
+        layout_of(other, x, L);
+        layout_of(flagged, x, P);
+        memcpy(L->pstride, P->fstride, sizeof(npy_intp) * (size_t)ndim);
+        L->nparam = P->nfeat;
+        break;
+    case BN_AXIS_CHANNEL:
+        if (flagged[0]) {
+            PyErr_SetString(PyExc_ValueError,
+                            "bnorm: axis 0 holds the samples; the channel axis must be another");
+            return -1;
+        }
+        layout_of(flagged, x, P);
+        flagged[0] = 1;
+        layout_of(flagged, x, L);
+        break;
     }
     return 0;
 }
@@ -673,6 +720,7 @@ static PyArrayObject *result_array(PyArrayObject *out, PyArrayObject *x, PyArray
 void call_clear(call *c)
 {
     bn_scratch_free(&c->core.s);
+    bn_scratch_free(&c->core.p);
     Py_XDECREF(c->x);
     Py_XDECREF(c->dy);
     Py_XDECREF(c->result);
@@ -684,10 +732,10 @@ static bn_operand operand(PyArrayObject *a)
     return op;
 }
 
-int call_data(call *c, PyObject *x_obj, PyObject *dy_obj, PyObject *axis)
+int call_data(call *c, PyObject *x_obj, PyObject *dy_obj, PyObject *axis, bn_axis_role role)
 {
     c->x = as_data_array(x_obj, "x");
-    if (!c->x || parse_layout(axis, c->x, &c->core.L) < 0)
+    if (!c->x || parse_layouts(axis, c->x, role, &c->core.L, &c->P) < 0)
         return -1;
     c->type_num = PyArray_TYPE(c->x);
     const bn_dtype dtype = (bn_dtype)data_dtype(PyArray_DESCR(c->x));
@@ -717,7 +765,9 @@ int call_data(call *c, PyObject *x_obj, PyObject *dy_obj, PyObject *axis)
         }
         c->core.dy = operand(c->dy);
     }
-    if (bn_scratch_alloc(&c->core.s, c->core.L.nfeat, c->core.K->coef_itemsize) < 0) {
+    if (bn_scratch_alloc(&c->core.s, c->core.L.nfeat, c->core.K->coef_itemsize) < 0 ||
+        (role != BN_AXIS_KEPT &&
+         bn_scratch_alloc(&c->core.p, c->P.nfeat, c->core.K->coef_itemsize) < 0)) {
         PyErr_NoMemory();
         return -1;
     }

@@ -79,6 +79,11 @@ int bn_to_count(PyObject *obj, void *local, const char *name);
 
 /* ---- arrays ---- */
 
+/* What an entry point's axis names: the kept (feature) axes (batch norm), the normalized axes
+ * (layer and RMS norm: the other axes carry the statistics, these the parameters) or the
+ * channel axis (group norm: statistics per (sample, channel) pair, axis 0 the samples). */
+typedef enum { BN_AXIS_KEPT, BN_AXIS_NORMALIZED, BN_AXIS_CHANNEL } bn_axis_role;
+
 /* One call's arrays around its plain-C state (core): what it owns, and what out= asked for. */
 typedef struct {
     PyArrayObject *x, *dy;   /* owned */
@@ -88,10 +93,13 @@ typedef struct {
     int half_precision;      /* x is float16 or bfloat16 */
     int stats_type_num;      /* of mean and rstd: x's, float32 for half precision */
     bn_call core;
+    /* the parameters' layout (not BN_AXIS_KEPT): the normalized axes, or the channel axis */
+    bn_layout P;
 } call;
 
-/* x (and dy, if dy_obj is given) as data arrays, the layout of axis, the kernels, the scratch. */
-int call_data(call *c, PyObject *x_obj, PyObject *dy_obj, PyObject *axis);
+/* x (and dy, if dy_obj is given) as data arrays, the layouts of axis in its role, the kernels,
+ * the scratch (per parameter too, except for BN_AXIS_KEPT). */
+int call_data(call *c, PyObject *x_obj, PyObject *dy_obj, PyObject *axis, bn_axis_role role);
 /* ValueError when training has fewer than two elements per feature to reduce over. */
 int call_require_batch(const call *c);
 /* Check out= (Py_None: a new array) and choose the array the elementwise pass writes. */

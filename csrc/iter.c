@@ -30,6 +30,9 @@ static void swap_dims(bn_plan *p, npy_intp a, npy_intp b)
     t = p->fstride[a];
     p->fstride[a] = p->fstride[b];
     p->fstride[b] = t;
+    t = p->pstride[a];
+    p->pstride[a] = p->pstride[b];
+    p->pstride[b] = t;
     for (npy_intp k = 0; k < p->nops; k++) {
         t = p->stride[k][a];
         p->stride[k][a] = p->stride[k][b];
@@ -42,7 +45,7 @@ static void swap_dims(bn_plan *p, npy_intp a, npy_intp b)
 static int mergeable(const bn_plan *p, npy_intp outer, npy_intp inner)
 {
     const npy_intp n = p->shape[inner];
-    if (p->fstride[outer] != p->fstride[inner] * n)
+    if (p->fstride[outer] != p->fstride[inner] * n || p->pstride[outer] != p->pstride[inner] * n)
         return 0;
     for (npy_intp k = 0; k < p->nops; k++)
         if (p->stride[k][outer] != p->stride[k][inner] * n)
@@ -52,7 +55,8 @@ static int mergeable(const bn_plan *p, npy_intp outer, npy_intp inner)
 
 /* Step 1: copy the dimensions in, leaving out those of length 1 (they move nothing). */
 static void copy_dims_without_unit(bn_plan *p, npy_intp ndim, const npy_intp *shape,
-                                   const npy_intp *fstride, const npy_intp *const *strides)
+                                   const npy_intp *fstride, const npy_intp *pstride,
+                                   const npy_intp *const *strides)
 {
     npy_intp n = 0;
     for (npy_intp d = 0; d < ndim; d++) {
@@ -61,6 +65,7 @@ static void copy_dims_without_unit(bn_plan *p, npy_intp ndim, const npy_intp *sh
             continue;
         p->shape[n] = shape[d];
         p->fstride[n] = fstride[d];
+        p->pstride[n] = pstride ? pstride[d] : 0;
         for (npy_intp k = 0; k < p->nops; k++)
             p->stride[k][n] = strides[k][d];
         n++;
@@ -81,6 +86,8 @@ static void flip_negative_strides(bn_plan *p)
         }
         p->fbase += (p->shape[d] - 1) * p->fstride[d];
         p->fstride[d] = -p->fstride[d];
+        p->pbase += (p->shape[d] - 1) * p->pstride[d];
+        p->pstride[d] = -p->pstride[d];
     }
 }
 
@@ -101,6 +108,7 @@ static void merge_contiguous(bn_plan *p)
         if (mergeable(p, kept - 1, d)) {
             p->shape[kept - 1] *= p->shape[d];
             p->fstride[kept - 1] = p->fstride[d];
+            p->pstride[kept - 1] = p->pstride[d];
             for (npy_intp k = 0; k < p->nops; k++)
                 p->stride[k][kept - 1] = p->stride[k][d];
         } else {
@@ -120,6 +128,7 @@ static void pad_to_2d(bn_plan *p)
             swap_dims(p, d - 1, d);
         p->shape[0] = 1;
         p->fstride[0] = 0;
+        p->pstride[0] = 0;
         for (npy_intp k = 0; k < p->nops; k++)
             p->stride[k][0] = 0;
         p->ndim++;
@@ -127,14 +136,15 @@ static void pad_to_2d(bn_plan *p)
 }
 
 void bn_plan_init(bn_plan *p, npy_intp ndim, const npy_intp *shape, const npy_intp *fstride,
-                  npy_intp nops, char *const *data, const npy_intp *const *strides)
+                  const npy_intp *pstride, npy_intp nops, char *const *data,
+                  const npy_intp *const *strides)
 {
     memset(p, 0, sizeof *p);
     p->nops = nops;
     p->size = 1;
     for (npy_intp k = 0; k < nops; k++)
         p->data[k] = data[k];
-    copy_dims_without_unit(p, ndim, shape, fstride, strides);
+    copy_dims_without_unit(p, ndim, shape, fstride, pstride, strides);
     flip_negative_strides(p);
     sort_by_stride(p);
     merge_contiguous(p);
@@ -160,16 +170,17 @@ void bn_plan_init(bn_plan *p, npy_intp ndim, const npy_intp *shape, const npy_in
 
 typedef struct {
     npy_intp dim, count;
-    int partials; /* pieces split a batch dimension of a reduction: each sums on its own */
+    int partials;  /* pieces split a batch dimension of a reduction: each sums on its own */
+    int ppartials; /* the same for per-parameter sums, split along a dimension of features */
 } bn_split;
 
 static bn_split choose_split(const bn_plan *p, const bn_coefs *c)
 {
-    bn_split best = {0, 1, 0};
+    bn_split best = {0, 1, 0, 0};
     npy_intp want = p->size / BN_PIECE_MIN;
     if (want > BN_MAX_PIECES)
         want = BN_MAX_PIECES;
-    if (c->acc != NULL) {
+    if (c->acc != NULL || c->pacc != NULL) {
         want /= BN_REDUCE_PIECE_SCALE;
         if (want > BN_MAX_PARTIALS)
             want = BN_MAX_PARTIALS;
@@ -179,15 +190,20 @@ static bn_split choose_split(const bn_plan *p, const bn_coefs *c)
     /* Partial sums cost BN_NACC doubles per feature per piece: keep them under a quarter of the
      * data (splitting a feature dimension needs none). */
     const npy_intp partial_cap = c->nfeat ? p->size / (4 * BN_NACC * c->nfeat) : 0;
+    const npy_intp ppartial_cap = c->nparam ? p->size / (4 * 2 * c->nparam) : 0;
     for (npy_intp d = 0; d < p->ndim; d++) {
         const int partials = c->acc != NULL && p->fstride[d] == 0;
+        const int ppartials = c->pacc != NULL && p->pstride[d] == 0;
         npy_intp count = p->shape[d] < want ? p->shape[d] : want;
         if (partials && count > partial_cap)
             count = partial_cap;
+        if (ppartials && count > ppartial_cap)
+            count = ppartial_cap;
         if (count > best.count) {
             best.dim = d;
             best.count = count;
             best.partials = partials;
+            best.ppartials = ppartials;
         }
     }
     return best;
@@ -208,13 +224,15 @@ static void run_piece(const bn_plan *p, bn_kernel kernel, const bn_coefs *c, npy
     }
     for (npy_intp k = 0; k < p->nops; k++)
         cur[k] = p->data[k] + lo * p->stride[k][dim];
-    npy_intp f = p->fbase + lo * p->fstride[dim];
+    npy_intp f = p->fbase + lo * p->fstride[dim], q = p->pbase + lo * p->pstride[dim];
 
     bn_block b;
     b.n0 = extent[nd - 2];
     b.n1 = extent[nd - 1];
     b.fs0 = p->fstride[nd - 2];
     b.fs1 = p->fstride[nd - 1];
+    b.ps0 = p->pstride[nd - 2];
+    b.ps1 = p->pstride[nd - 1];
     b.pass_size = p->size;
     for (npy_intp k = 0; k < p->nops; k++) {
         b.s0[k] = p->stride[k][nd - 2];
@@ -224,17 +242,20 @@ static void run_piece(const bn_plan *p, bn_kernel kernel, const bn_coefs *c, npy
         for (npy_intp k = 0; k < p->nops; k++)
             b.ptr[k] = cur[k];
         b.f0 = f;
+        b.p0 = q;
         kernel(&b, c);
         npy_intp d = nouter - 1;
         for (; d >= 0; d--) {
             for (npy_intp k = 0; k < p->nops; k++)
                 cur[k] += p->stride[k][d];
             f += p->fstride[d];
+            q += p->pstride[d];
             if (++index[d] < extent[d])
                 break;
             for (npy_intp k = 0; k < p->nops; k++)
                 cur[k] -= p->stride[k][d] * extent[d];
             f -= p->fstride[d] * extent[d];
+            q -= p->pstride[d] * extent[d];
             index[d] = 0;
         }
         if (d < 0)
@@ -249,7 +270,7 @@ typedef struct {
     bn_kernel kernel;
     const bn_coefs *coefs;
     bn_split split;
-    double *partial;
+    double *partial, *ppartial;
 } bn_pass;
 
 /* Piece i of split.count along split.dim, summing into its own partial sums when it has them. */
@@ -267,6 +288,10 @@ static void run_numbered_piece(const bn_job *job, npy_intp i)
         mine.acc = pass->partial + i * BN_NACC * mine.nfeat;
         memset(mine.acc, 0, (size_t)(BN_NACC * mine.nfeat) * sizeof(double));
     }
+    if (pass->ppartial) {
+        mine.pacc = pass->ppartial + i * 2 * mine.nparam;
+        memset(mine.pacc, 0, (size_t)(2 * mine.nparam) * sizeof(double));
+    }
     run_piece(pass->plan, pass->kernel, &mine, s.dim, lo, hi);
 }
 
@@ -274,13 +299,21 @@ int bn_run(const bn_plan *p, bn_kernel kernel, const bn_coefs *c)
 {
     if (p->size == 0)
         return 0;
-    bn_pass pass = {{run_numbered_piece, 0, 0, 0}, p, kernel, c, choose_split(p, c), NULL};
+    bn_pass pass = {{run_numbered_piece, 0, 0, 0}, p, kernel, c, choose_split(p, c), NULL,
+                    NULL};
     pass.job.count = pass.split.count;
-    const npy_intp accsize = BN_NACC * c->nfeat;
+    const npy_intp accsize = BN_NACC * c->nfeat, paccsize = 2 * c->nparam;
     if (pass.split.partials) {
         pass.partial = malloc((size_t)(pass.split.count * accsize) * sizeof(double));
         if (!pass.partial)
             return -1;
+    }
+    if (pass.split.ppartials) {
+        pass.ppartial = malloc((size_t)(pass.split.count * paccsize) * sizeof(double));
+        if (!pass.ppartial) {
+            free(pass.partial);
+            return -1;
+        }
     }
     const npy_intp threads = bn_get_num_threads();
     bn_run_job(&pass.job, threads < pass.job.count ? threads : pass.job.count);
@@ -289,6 +322,12 @@ int bn_run(const bn_plan *p, bn_kernel kernel, const bn_coefs *c)
             for (npy_intp j = 0; j < accsize; j++)
                 c->acc[j] += pass.partial[i * accsize + j];
         free(pass.partial);
+    }
+    if (pass.ppartial) {
+        for (npy_intp i = 0; i < pass.split.count; i++)
+            for (npy_intp j = 0; j < paccsize; j++)
+                c->pacc[j] += pass.ppartial[i * paccsize + j];
+        free(pass.ppartial);
     }
     return 0;
 }

@@ -20,21 +20,26 @@ typedef struct {
     npy_intp nops;
     npy_intp shape[BN_MAXDIMS];
     npy_intp fstride[BN_MAXDIMS];
+    npy_intp pstride[BN_MAXDIMS]; /* the parameter number's, as fstride (0 without parameters) */
     npy_intp stride[BN_MAXOPS][BN_MAXDIMS];
     char *data[BN_MAXOPS];
     npy_intp fbase; /* feature number of the box's first element */
+    npy_intp pbase; /* its parameter number */
     npy_intp size;  /* elements in the box */
 } bn_plan;
 
 /* Build a plan over arrays of the given shape: strides[k] are operand k's byte strides, fstride
- * the feature stride of every dimension (0 on batch dimensions).  In named steps: drop length-1
- * dimensions, turn negative strides of operand 0 around, order dimensions from the largest
- * strides to the smallest, merge dimensions that are contiguous in every operand, pad to 2-D. */
+ * the feature stride of every dimension (0 on batch dimensions), pstride the parameter number's
+ * (NULL: none; layer norm's parameters are per element of the normalized axes, its features
+ * the other axes').  In named steps: drop length-1 dimensions, turn negative strides of operand
+ * 0 around, order dimensions from the largest strides to the smallest, merge dimensions that are
+ * contiguous in every operand and in both numberings, pad to 2-D. */
 void bn_plan_init(bn_plan *plan, npy_intp ndim, const npy_intp *shape, const npy_intp *fstride,
-                  npy_intp nops, char *const *data, const npy_intp *const *strides);
+                  const npy_intp *pstride, npy_intp nops, char *const *data,
+                  const npy_intp *const *strides);
 
-/* Run a kernel over the plan.  For a reduction (coefs->acc != NULL) the accumulators must be
- * zeroed; the work is split into pieces that depend only on the plan, never on the thread count,
+/* Run a kernel over the plan.  For a reduction (coefs->acc or coefs->pacc != NULL) the
+ * accumulators must be zeroed; the work is split into pieces that depend only on the plan, never on the thread count,
  * and partial sums are added in a fixed order, so results are bitwise reproducible.
  * Returns 0, or -1 if memory for partial sums could not be had.  Call without the GIL. */
 int bn_run(const bn_plan *plan, bn_kernel kernel, const bn_coefs *coefs);

@@ -147,6 +147,13 @@ static BN_INLINE uint16_t f32_to_bf16(float value)
     return (uint16_t)((u & 0x7fffffffu) > 0x7f800000u ? u >> 16 | 0x40 : rounded); /* nan: quiet */
 }
 
+/* Where a reduction's block finds its parameters (layer and RMS norm): the element (r, l) of a
+ * tile starting at parameter p has parameter p + r * ps0 + l * ps1. */
+typedef struct {
+    const void *gamma, *beta;
+    npy_intp p, ps0, ps1;
+} bn_param_walk;
+
 /* One build runs on any x86-64: the kernels are compiled for AVX-512, AVX2+FMA and the baseline
  * (SSE2), and bn_use_target picks one at import (the best the CPU has, or BNORM_CPU's cap).
  * kernels_target.h instantiates kernels_impl.h for every dtype, named n_<dtype>_<BN_SUFFIX>. */

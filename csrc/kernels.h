@@ -21,12 +21,15 @@ typedef intptr_t npy_intp;
 enum { BN_ACC_SUM0, BN_ACC_SUM1, BN_ACC_SUM2, BN_NACC };
 
 /* One 2-D block: n0 rows of n1 elements.  Operand k's element (i, j) is at
- * ptr[k] + i * s0[k] + j * s1[k] (bytes) and belongs to feature f0 + i * fs0 + j * fs1. */
+ * ptr[k] + i * s0[k] + j * s1[k] (bytes), belongs to feature f0 + i * fs0 + j * fs1 (what the
+ * statistics are per) and has parameter p0 + i * ps0 + j * ps1 (what the affine parameters are
+ * per, when they are not per feature: layer and RMS norm's columns; 0 for batch norm). */
 typedef struct {
     npy_intp n0, n1;
     char *ptr[BN_MAXOPS];
     npy_intp s0[BN_MAXOPS], s1[BN_MAXOPS];
     npy_intp f0, fs0, fs1;
+    npy_intp p0, ps0, ps1;
     npy_intp pass_size; /* elements in the whole pass (whether they stay in cache) */
 } bn_block;
 
@@ -42,10 +45,20 @@ typedef struct {
     const void *act_scale, *act_offset;
     double *acc;
     npy_intp nfeat;
+    /* Per parameter (the passes with BN_PARAMS), in the compute type: the elementwise passes
+     * compute  out = ((x - shift) * scale + offset) * pgamma + pbeta  forward and
+     *          out = (x - shift) * scale + offset + dy * dyscale * pgamma  backward, the
+     * reductions weigh dy by pgamma, and a fused ReLU's pre-activation is
+     * ((x - shift) * act_scale + act_offset) * pgamma + pbeta.  pacc (float64, 2 * nparam):
+     * backward's elementwise pass also sums  dy  and  dy * ((x - shift) * act_scale +
+     * act_offset)  per parameter (dbeta and dgamma), with the mean already exact there. */
+    const void *pgamma, *pbeta;
+    double *pacc;
+    npy_intp nparam;
 } bn_coefs;
 
 /* What a pass reads and does, as flags of the kernels' shared bodies. */
-enum { BN_HAS_DY = 1, BN_RELU = 2 };
+enum { BN_HAS_DY = 1, BN_RELU = 2, BN_PARAMS = 4 };
 
 typedef void (*bn_kernel)(const bn_block *block, const bn_coefs *coefs);
 
@@ -60,6 +73,8 @@ typedef struct {
     /* with a ReLU after the normalization: normalize's out is max(0, out); the backward passes
      * take dy as 0 where the forward's ReLU was not passed */
     bn_kernel normalize_relu, bwd_sums_relu, bwd_apply_relu;
+    /* the same with per-parameter gamma and beta (BN_PARAMS), [relu] */
+    bn_kernel params_normalize[2], params_bwd_sums[2], params_bwd_apply[2];
     void (*widen)(const char *src, double *dst, npy_intp n); /* n packed elements to float64 */
     size_t itemsize;      /* of an element as stored */
     size_t coef_itemsize; /* of bn_coefs' vectors: 4 (float) or 8 (double) */

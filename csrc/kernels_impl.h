@@ -95,11 +95,12 @@ BN_NAME(read_tile)(const char *p, npy_intp stride, npy_intp m, BN_C *dst)
  * its sums, each of which costs a load and a store. */
 static BN_TARGET_ATTR BN_INLINE void BN_NAME(reduce_tile)(
     npy_intp rows, npy_intp m, const char *x, npy_intp xs0, npy_intp xs1, const char *dy,
-    npy_intp ds0, npy_intp ds1, npy_intp f, npy_intp fs1, const BN_C *restrict shift,
-    const BN_C *restrict act_scale, const BN_C *restrict act_offset, double *restrict sum0,
-    double *restrict sum1, double *restrict sum2, const int flags)
+    npy_intp ds0, npy_intp ds1, npy_intp f, npy_intp fs1, const bn_param_walk *pw,
+    const BN_C *restrict shift, const BN_C *restrict act_scale, const BN_C *restrict act_offset,
+    double *restrict sum0, double *restrict sum1, double *restrict sum2, const int flags)
 {
-    const int has_dy = flags & BN_HAS_DY, relu = flags & BN_RELU;
+    const int has_dy = flags & BN_HAS_DY, relu = flags & BN_RELU, params = flags & BN_PARAMS;
+    const BN_C *pgamma = (const BN_C *)pw->gamma, *pbeta = (const BN_C *)pw->beta;
     BN_C xt[BN_STATS_ROWS][BN_LANES], dyt[BN_STATS_ROWS][BN_LANES];
     for (npy_intp r = 0; r < rows; r++) {
         BN_TILE_READ(xt[r], x + r * xs0, xs1, m);
@@ -115,8 +116,15 @@ static BN_TARGET_ATTR BN_INLINE void BN_NAME(reduce_tile)(
         for (npy_intp r = 0; r < rows; r++) {
             const double v = (double)BN_TILE_AT(xt[r], x + r * xs0, xs1, l) - k;
             double w = has_dy ? (double)BN_TILE_AT(dyt[r], dy + r * ds0, ds1, l) : v;
-            if (relu)
+            if (params) {
+                const npy_intp q = pw->p + r * pw->ps0 + l * pw->ps1;
+                const double g = (double)pgamma[q];
+                if (relu)
+                    w = BN_NAME(relu_grad_sums)(w, (v * as + ao) * g + (double)pbeta[q]);
+                w *= g;
+            } else if (relu) {
                 w = BN_NAME(relu_grad_sums)(w, v * as + ao);
+            }
             s0 += w;
             s1 += w * v;
             s2 += v;
@@ -132,19 +140,23 @@ static BN_TARGET_ATTR BN_INLINE void BN_NAME(reduce_tile)(
  * length is a constant GCC vectorizes */
 static BN_TARGET_ATTR BN_INLINE void BN_NAME(reduce_rows)(
     npy_intp rows, npy_intp n1, const char *x, npy_intp xs0, npy_intp xs1, const char *dy,
-    npy_intp ds0, npy_intp ds1, npy_intp f, npy_intp fs1, const BN_C *restrict shift,
-    const BN_C *restrict act_scale, const BN_C *restrict act_offset, double *restrict sum0,
-    double *restrict sum1, double *restrict sum2, const int flags)
+    npy_intp ds0, npy_intp ds1, npy_intp f, npy_intp fs1, const bn_param_walk *pw,
+    const BN_C *restrict shift, const BN_C *restrict act_scale, const BN_C *restrict act_offset,
+    double *restrict sum0, double *restrict sum1, double *restrict sum2, const int flags)
 {
+    bn_param_walk tile = *pw;
     npy_intp j = 0;
-    for (; j + BN_LANES <= n1; j += BN_LANES)
+    for (; j + BN_LANES <= n1; j += BN_LANES) {
+        tile.p = pw->p + j * pw->ps1;
         BN_NAME(reduce_tile)(rows, BN_LANES, x + j * xs1, xs0, xs1, dy + j * ds1, ds0, ds1,
-                             f + j * fs1, fs1, shift, act_scale, act_offset, sum0, sum1, sum2,
-                             flags);
+                             f + j * fs1, fs1, &tile, shift, act_scale, act_offset, sum0, sum1,
+                             sum2, flags);
+    }
+    tile.p = pw->p + j * pw->ps1;
     if (j < n1)
         BN_NAME(reduce_tile)(rows, n1 - j, x + j * xs1, xs0, xs1, dy + j * ds1, ds0, ds1,
-                             f + j * fs1, fs1, shift, act_scale, act_offset, sum0, sum1, sum2,
-                             flags);
+                             f + j * fs1, fs1, &tile, shift, act_scale, act_offset, sum0, sum1,
+                             sum2, flags);
 }
 
 /* Reductions accumulate in float64 from data shifted by a per-feature value near the mean
@@ -159,25 +171,32 @@ static BN_TARGET_ATTR BN_INLINE void BN_NAME(reduce_rows)(
  * order, which both vectorizes and shortens the rounding chains. */
 static BN_TARGET_ATTR BN_INLINE void BN_NAME(reduce_body)(
     npy_intp n0, npy_intp n1, const char *x, npy_intp xs0, npy_intp xs1, const char *dy,
-    npy_intp ds0, npy_intp ds1, npy_intp f0, npy_intp fs0, npy_intp fs1,
-    const BN_C *restrict shift, const BN_C *restrict act_scale, const BN_C *restrict act_offset,
-    double *restrict sum0, double *restrict sum1, double *restrict sum2, const int grouped,
-    const int flags)
+    npy_intp ds0, npy_intp ds1, npy_intp f0, npy_intp fs0, npy_intp fs1, const bn_param_walk *pw,
+    npy_intp ps1, const BN_C *restrict shift, const BN_C *restrict act_scale,
+    const BN_C *restrict act_offset, double *restrict sum0, double *restrict sum1,
+    double *restrict sum2, const int grouped, const int flags)
 {
-    const int has_dy = flags & BN_HAS_DY, relu = flags & BN_RELU;
+    const int has_dy = flags & BN_HAS_DY, relu = flags & BN_RELU, params = flags & BN_PARAMS;
+    const BN_C *pgamma = (const BN_C *)pw->gamma, *pbeta = (const BN_C *)pw->beta;
+    bn_param_walk row = *pw;
+    row.ps1 = ps1;
     if (fs1 != 0) {
         npy_intp i = 0;
         /* full groups apart, so that their row count is a constant */
         const npy_intp group = has_dy ? BN_ROWS : BN_STATS_ROWS;
         if (grouped)
-            for (; i + group <= n0; i += group)
+            for (; i + group <= n0; i += group) {
+                row.p = pw->p + i * pw->ps0;
                 BN_NAME(reduce_rows)(group, n1, x + i * xs0, xs0, xs1, dy + i * ds0, ds0, ds1,
-                                     f0, fs1, shift, act_scale, act_offset, sum0, sum1, sum2,
-                                     flags);
-        for (; i < n0; i++)
+                                     f0, fs1, &row, shift, act_scale, act_offset, sum0, sum1,
+                                     sum2, flags);
+            }
+        for (; i < n0; i++) {
+            row.p = pw->p + i * pw->ps0;
             BN_NAME(reduce_rows)(1, n1, x + i * xs0, xs0, xs1, dy + i * ds0, ds0, ds1,
-                                 f0 + i * fs0, fs1, shift, act_scale, act_offset, sum0, sum1,
-                                 sum2, flags);
+                                 f0 + i * fs0, fs1, &row, shift, act_scale, act_offset, sum0,
+                                 sum1, sum2, flags);
+        }
         return;
     }
     for (npy_intp i = 0; i < n0; i++) {
@@ -185,10 +204,12 @@ static BN_TARGET_ATTR BN_INLINE void BN_NAME(reduce_body)(
         const npy_intp f = f0 + i * fs0;
         const double k = (double)shift[f];
         const double as = relu ? (double)act_scale[f] : 0, ao = relu ? (double)act_offset[f] : 0;
+        const npy_intp prow = pw->p + i * pw->ps0;
         double lane0[BN_LANES] = {0}, lane1[BN_LANES] = {0}, lane2[BN_LANES] = {0};
         npy_intp j = 0;
         for (; j + BN_LANES <= n1; j += BN_LANES) {
             const char *xt0 = xrow + j * xs1, *dyt0 = dyrow + j * ds1;
+            const npy_intp pt = prow + j * ps1;
             BN_C xt[BN_LANES], dyt[BN_LANES];
             BN_TILE_READ(xt, xt0, xs1, BN_LANES);
             if (has_dy)
@@ -197,8 +218,15 @@ static BN_TARGET_ATTR BN_INLINE void BN_NAME(reduce_body)(
             for (npy_intp l = 0; l < BN_LANES; l++) {
                 const double v = (double)BN_TILE_AT(xt, xt0, xs1, l) - k;
                 double w = has_dy ? (double)BN_TILE_AT(dyt, dyt0, ds1, l) : v;
-                if (relu)
+                if (params) {
+                    const double g = (double)pgamma[pt + l * ps1];
+                    if (relu)
+                        w = BN_NAME(relu_grad_sums)(w, (v * as + ao) * g +
+                                                           (double)pbeta[pt + l * ps1]);
+                    w *= g;
+                } else if (relu) {
                     w = BN_NAME(relu_grad_sums)(w, v * as + ao);
+                }
                 lane0[l] += w;
                 lane1[l] += w * v;
                 if (has_dy)
@@ -215,8 +243,15 @@ static BN_TARGET_ATTR BN_INLINE void BN_NAME(reduce_body)(
         for (; j < n1; j++) {
             const double v = (double)BN_NAME(load)(xrow + j * xs1) - k;
             double w = has_dy ? (double)BN_NAME(load)(dyrow + j * ds1) : v;
-            if (relu)
+            if (params) {
+                const double g = (double)pgamma[prow + j * ps1];
+                if (relu)
+                    w = BN_NAME(relu_grad_sums)(w, (v * as + ao) * g +
+                                                       (double)pbeta[prow + j * ps1]);
+                w *= g;
+            } else if (relu) {
                 w = BN_NAME(relu_grad_sums)(w, v * as + ao);
+            }
             t0 += w;
             t1 += w * v;
             t2 += v;
@@ -246,16 +281,22 @@ BN_NAME(reduce)(const bn_block *b, const bn_coefs *c, const int flags)
         isz < (npy_intp)sizeof(float) ? BN_LONG_ROW / (npy_intp)sizeof(float) * isz : BN_LONG_ROW;
     const int grouped =
         b->fs0 == 0 && !BN_NAME(rows_one_by_one)(b, BN_SHORT_ROW_REDUCE, long_row);
+    const bn_param_walk pw = {c->pgamma, c->pbeta, b->p0, b->ps0, b->ps1};
     if (contiguous && b->fs1 == 1)
-        BN_NAME(reduce_body)(b->n0, b->n1, x, xs0, isz, dy, ds0, isz, b->f0, b->fs0, 1, shift,
-                             act_scale, act_offset, sum0, sum1, sum2, grouped, flags);
+        BN_NAME(reduce_body)(b->n0, b->n1, x, xs0, isz, dy, ds0, isz, b->f0, b->fs0, 1, &pw,
+                             b->ps1, shift, act_scale, act_offset, sum0, sum1, sum2, grouped,
+                             flags);
+    else if (contiguous && b->fs1 == 0 && b->ps1 == 1) /* layer norm's rows */
+        BN_NAME(reduce_body)(b->n0, b->n1, x, xs0, isz, dy, ds0, isz, b->f0, b->fs0, 0, &pw, 1,
+                             shift, act_scale, act_offset, sum0, sum1, sum2, grouped, flags);
     else if (contiguous && b->fs1 == 0)
-        BN_NAME(reduce_body)(b->n0, b->n1, x, xs0, isz, dy, ds0, isz, b->f0, b->fs0, 0, shift,
-                             act_scale, act_offset, sum0, sum1, sum2, grouped, flags);
+        BN_NAME(reduce_body)(b->n0, b->n1, x, xs0, isz, dy, ds0, isz, b->f0, b->fs0, 0, &pw,
+                             b->ps1, shift, act_scale, act_offset, sum0, sum1, sum2, grouped,
+                             flags);
     else
         BN_NAME(reduce_body)(b->n0, b->n1, x, xs0, b->s1[0], dy, ds0, b->s1[op_dy], b->f0,
-                             b->fs0, b->fs1, shift, act_scale, act_offset, sum0, sum1, sum2,
-                             grouped, flags);
+                             b->fs0, b->fs1, &pw, b->ps1, shift, act_scale, act_offset, sum0,
+                             sum1, sum2, grouped, flags);
 }
 
 /* Elementwise: out = (x - shift) * scale + offset [+ dy * dyscale], in the data's
@@ -267,21 +308,29 @@ BN_NAME(reduce)(const bn_block *b, const bn_coefs *c, const int flags)
 static BN_TARGET_ATTR BN_INLINE void BN_NAME(apply_tile)(
     npy_intp rows, npy_intp m, const char *x, npy_intp xs0, npy_intp xs1, const char *dy,
     npy_intp ds0, npy_intp ds1, char *out, npy_intp os0, npy_intp os1, npy_intp f, npy_intp fs1,
-    const BN_C *restrict shift, const BN_C *restrict scale, const BN_C *restrict offset,
-    const BN_C *restrict dyscale, const BN_C *restrict act_scale,
-    const BN_C *restrict act_offset, const int flags, const int stream)
+    npy_intp p, npy_intp ps1, const BN_C *restrict shift, const BN_C *restrict scale,
+    const BN_C *restrict offset, const BN_C *restrict dyscale, const BN_C *restrict act_scale,
+    const BN_C *restrict act_offset, const BN_C *restrict pgamma, const BN_C *restrict pbeta,
+    double *restrict pacc, npy_intp nparam, const int flags, const int stream)
 {
-    const int has_dy = flags & BN_HAS_DY, relu = flags & BN_RELU;
+    const int has_dy = flags & BN_HAS_DY, relu = flags & BN_RELU, params = flags & BN_PARAMS;
+    /* the mask's and (with parameters) x-hat's coefficients, which backward needs */
+    const int act = has_dy && (relu || params);
     BN_C k[BN_LANES], s[BN_LANES], o[BN_LANES], d[BN_LANES], as[BN_LANES], ao[BN_LANES];
+    BN_C pg[BN_LANES], pb[BN_LANES];
     for (npy_intp l = 0; l < m; l++) {
         const npy_intp g = f + l * fs1;
         k[l] = shift[g];
         s[l] = scale[g];
         o[l] = offset[g];
         d[l] = has_dy ? dyscale[g] : 0;
-        as[l] = relu && has_dy ? act_scale[g] : 0;
-        ao[l] = relu && has_dy ? act_offset[g] : 0;
+        as[l] = act ? act_scale[g] : 0;
+        ao[l] = act ? act_offset[g] : 0;
+        pg[l] = params ? pgamma[p + l * ps1] : 0;
+        pb[l] = params ? pbeta[p + l * ps1] : 0;
     }
+    /* backward's per-parameter sums of dy and dy * x-hat over the tile's rows, per lane */
+    double dbeta[BN_LANES] = {0}, dgamma[BN_LANES] = {0};
     for (npy_intp r = 0; r < rows; r++) {
         /* the row's elements as stored, then converted: memory and conversion in loops of their
          * own, which vectorize (a load that converts did not, for half precision) */
@@ -310,13 +359,24 @@ static BN_TARGET_ATTR BN_INLINE void BN_NAME(apply_tile)(
         for (npy_intp l = 0; l < m; l++) {
             const BN_C xv = BN_XV(l);
             v[l] = (xv - k[l]) * s[l] + o[l];
-            if (has_dy) {
+            if (has_dy && params) {
+                BN_C dyv = BN_DYV(l);
+                const BN_C xhat = (xv - k[l]) * as[l] + ao[l];
+                if (relu)
+                    dyv = BN_NAME(relu_grad)(dyv, xhat * pg[l] + pb[l]);
+                v[l] += dyv * d[l] * pg[l];
+                dbeta[l] += (double)dyv;
+                dgamma[l] += (double)dyv * (double)xhat;
+            } else if (has_dy) {
                 BN_C dyv = BN_DYV(l);
                 if (relu)
                     dyv = BN_NAME(relu_grad)(dyv, (xv - k[l]) * as[l] + ao[l]);
                 v[l] += dyv * d[l];
-            } else if (relu) {
-                v[l] = v[l] < 0 ? 0 : v[l]; /* max(0, v), NaN kept */
+            } else {
+                if (params)
+                    v[l] = v[l] * pg[l] + pb[l];
+                if (relu)
+                    v[l] = v[l] < 0 ? 0 : v[l]; /* max(0, v), NaN kept */
             }
 #ifndef BN_NARROW_TILE
             t[l] = BN_NARROW(v[l]);
@@ -343,34 +403,57 @@ static BN_TARGET_ATTR BN_INLINE void BN_NAME(apply_tile)(
             for (npy_intp l = 0; l < m; l++)
                 memcpy(orow + l * os1, &t[l], sizeof(BN_T));
     }
+    if (has_dy && params) {
+        /* in lane order: the same sums however the block was cut into pieces' blocks */
+        if (ps1 != 0) {
+            for (npy_intp l = 0; l < m; l++) {
+                pacc[p + l * ps1] += dbeta[l];
+                pacc[nparam + p + l * ps1] += dgamma[l];
+            }
+        } else {
+            double tb = 0, tg = 0;
+            for (npy_intp l = 0; l < m; l++) {
+                tb += dbeta[l];
+                tg += dgamma[l];
+            }
+            pacc[p] += tb;
+            pacc[nparam + p] += tg;
+        }
+    }
 }
 
 static BN_TARGET_ATTR BN_INLINE void BN_NAME(apply_body)(
     npy_intp n0, npy_intp n1, const char *x, npy_intp xs0, npy_intp xs1, const char *dy,
     npy_intp ds0, npy_intp ds1, char *out, npy_intp os0, npy_intp os1, npy_intp f0, npy_intp fs0,
-    npy_intp fs1, const bn_coefs *c, const npy_intp group, const int flags, const int stream)
+    npy_intp fs1, npy_intp p0, npy_intp ps0, npy_intp ps1, const bn_coefs *c,
+    const npy_intp group, const int flags, const int stream)
 {
     /* in locals: a store through out (a char *) would otherwise make GCC reload them */
     const BN_C *shift = (const BN_C *)c->shift, *scale = (const BN_C *)c->scale;
     const BN_C *offset = (const BN_C *)c->offset;
     const BN_C *dyscale = (const BN_C *)c->dyscale;
     const BN_C *act_scale = (const BN_C *)c->act_scale, *act_offset = (const BN_C *)c->act_offset;
+    const BN_C *pgamma = (const BN_C *)c->pgamma, *pbeta = (const BN_C *)c->pbeta;
+    double *pacc = c->pacc;
+    const npy_intp nparam = c->nparam;
     /* the rows of a group share their coefficients: a group of them per tile */
     for (npy_intp i = 0; i < n0; i += group) {
         const npy_intp rows = n0 - i < group ? n0 - i : group;
         const char *xrow = x + i * xs0, *dyrow = dy + i * ds0;
         char *orow = out + i * os0;
-        const npy_intp frow = f0 + i * fs0;
+        const npy_intp frow = f0 + i * fs0, prow = p0 + i * ps0;
         npy_intp j = 0;
         /* full tiles apart, so that their length is a constant GCC vectorizes */
         for (; j + BN_LANES <= n1; j += BN_LANES)
             BN_NAME(apply_tile)(rows, BN_LANES, xrow + j * xs1, xs0, xs1, dyrow + j * ds1, ds0, ds1,
-                                orow + j * os1, os0, os1, frow + j * fs1, fs1, shift, scale,
-                                offset, dyscale, act_scale, act_offset, flags, stream);
+                                orow + j * os1, os0, os1, frow + j * fs1, fs1, prow + j * ps1,
+                                ps1, shift, scale, offset, dyscale, act_scale, act_offset,
+                                pgamma, pbeta, pacc, nparam, flags, stream);
         if (j < n1)
             BN_NAME(apply_tile)(rows, n1 - j, xrow + j * xs1, xs0, xs1, dyrow + j * ds1, ds0, ds1,
-                                orow + j * os1, os0, os1, frow + j * fs1, fs1, shift, scale,
-                                offset, dyscale, act_scale, act_offset, flags, stream);
+                                orow + j * os1, os0, os1, frow + j * fs1, fs1, prow + j * ps1,
+                                ps1, shift, scale, offset, dyscale, act_scale, act_offset,
+                                pgamma, pbeta, pacc, nparam, flags, stream);
     }
 }
 
@@ -408,22 +491,30 @@ BN_NAME(apply)(const bn_block *b, const bn_coefs *c, const int flags)
      * 360 -> 133 us with 2 rows instead of 4; other rows gain from 4: (8,112,112,32) float32
      * normalize on one thread about 10%, (32,64) float64 0.98 -> 0.90 us). */
     npy_intp group = 1;
-    if (b->fs0 == 0 && !BN_NAME(rows_one_by_one)(b, BN_SHORT_ROW_APPLY, BN_LONG_ROW)) {
+    if (b->fs0 == 0 && (!(flags & BN_PARAMS) || b->ps0 == 0) &&
+        !BN_NAME(rows_one_by_one)(b, BN_SHORT_ROW_APPLY, BN_LONG_ROW)) {
         group = BN_ROWS;
         for (npy_intp k = 0; k <= op_out; k++)
             if (b->s0[k] % BN_L1_WAY == 0)
                 group = 2;
     }
+    const npy_intp p0 = b->p0, ps0 = b->ps0;
     if (contiguous && b->fs1 == 1)
         BN_NAME(apply_body)(b->n0, b->n1, x, b->s0[0], isz, dy, b->s0[op_dy], isz, out,
-                            b->s0[op_out], isz, b->f0, b->fs0, 1, c, group, flags, stream);
+                            b->s0[op_out], isz, b->f0, b->fs0, 1, p0, ps0, b->ps1, c, group, flags,
+                            stream);
+    else if (contiguous && b->fs1 == 0 && b->ps1 == 1) /* layer norm's rows */
+        BN_NAME(apply_body)(b->n0, b->n1, x, b->s0[0], isz, dy, b->s0[op_dy], isz, out,
+                            b->s0[op_out], isz, b->f0, b->fs0, 0, p0, ps0, 1, c, group, flags,
+                            stream);
     else if (contiguous && b->fs1 == 0)
         BN_NAME(apply_body)(b->n0, b->n1, x, b->s0[0], isz, dy, b->s0[op_dy], isz, out,
-                            b->s0[op_out], isz, b->f0, b->fs0, 0, c, group, flags, stream);
+                            b->s0[op_out], isz, b->f0, b->fs0, 0, p0, ps0, b->ps1, c, group, flags,
+                            stream);
     else
         BN_NAME(apply_body)(b->n0, b->n1, x, b->s0[0], b->s1[0], dy, b->s0[op_dy], b->s1[op_dy],
-                            out, b->s0[op_out], b->s1[op_out], b->f0, b->fs0, b->fs1, c, group,
-                            flags, stream);
+                            out, b->s0[op_out], b->s1[op_out], b->f0, b->fs0, b->fs1, p0, ps0,
+                            b->ps1, c, group, flags, stream);
     if (stream)
         stream_fence();
 }
@@ -472,10 +563,44 @@ static BN_TARGET_ATTR void BN_NAME(bwd_apply_relu)(const bn_block *b, const bn_c
     BN_NAME(apply)(b, c, BN_HAS_DY | BN_RELU);
 }
 
+/* layer and RMS norm's: per-parameter gamma and beta */
+static BN_TARGET_ATTR void BN_NAME(params_normalize)(const bn_block *b, const bn_coefs *c)
+{
+    BN_NAME(apply)(b, c, BN_PARAMS);
+}
+
+static BN_TARGET_ATTR void BN_NAME(params_normalize_relu)(const bn_block *b, const bn_coefs *c)
+{
+    BN_NAME(apply)(b, c, BN_PARAMS | BN_RELU);
+}
+
+static BN_TARGET_ATTR void BN_NAME(params_bwd_sums)(const bn_block *b, const bn_coefs *c)
+{
+    BN_NAME(reduce)(b, c, BN_PARAMS | BN_HAS_DY);
+}
+
+static BN_TARGET_ATTR void BN_NAME(params_bwd_sums_relu)(const bn_block *b, const bn_coefs *c)
+{
+    BN_NAME(reduce)(b, c, BN_PARAMS | BN_HAS_DY | BN_RELU);
+}
+
+static BN_TARGET_ATTR void BN_NAME(params_bwd_apply)(const bn_block *b, const bn_coefs *c)
+{
+    BN_NAME(apply)(b, c, BN_PARAMS | BN_HAS_DY);
+}
+
+static BN_TARGET_ATTR void BN_NAME(params_bwd_apply_relu)(const bn_block *b, const bn_coefs *c)
+{
+    BN_NAME(apply)(b, c, BN_PARAMS | BN_HAS_DY | BN_RELU);
+}
+
 const bn_dtype_kernels BN_NAME(bn_kernels) = {
     BN_NAME(stats),          BN_NAME(bwd_sums),       BN_NAME(normalize), BN_NAME(bwd_apply),
-    BN_NAME(normalize_relu), BN_NAME(bwd_sums_relu), BN_NAME(bwd_apply_relu), BN_NAME(widen),
-    sizeof(BN_T),            sizeof(BN_C),
+    BN_NAME(normalize_relu), BN_NAME(bwd_sums_relu), BN_NAME(bwd_apply_relu),
+    {BN_NAME(params_normalize), BN_NAME(params_normalize_relu)},
+    {BN_NAME(params_bwd_sums), BN_NAME(params_bwd_sums_relu)},
+    {BN_NAME(params_bwd_apply), BN_NAME(params_bwd_apply_relu)},
+    BN_NAME(widen),          sizeof(BN_T),            sizeof(BN_C),
 };
 
 #undef BN_TILE_READ

@@ -94,10 +94,9 @@ static int store_running(PyObject *r, PyArrayObject *values)
  * keepdims gamma broadcasts over nothing: the values, in its shape).  The
  * sums get a buffer of their own: gamma can have more elements than there are features (a
  * length-1 axis of gamma broadcast to a length-0 feature axis), so no per-feature scratch fits. */
-static PyArrayObject *sum_to_param(const call *c, PyArrayObject *param, PyArray_Descr *descr,
-                                   const double *values)
+static PyArrayObject *sum_to_param(const bn_layout *L, PyArrayObject *param,
+                                   PyArray_Descr *descr, const double *values)
 {
-    const bn_layout *L = &c->core.L;
     if (!param)
         return values_array(L->nkept, L->fshape, descr, values);
     const npy_intp n = PyArray_SIZE(param);
@@ -216,7 +215,7 @@ static PyObject *bn_forward(PyObject *self, PyObject *const *args, Py_ssize_t na
     PyObject *result = NULL;
     PyArrayObject *mean = NULL, *rstd = NULL, *new_rmean = NULL, *new_rvar = NULL;
     int failed;
-    if (call_data(&c, a.x, NULL, a.axis) < 0 || (a.training && call_require_batch(&c) < 0) ||
+    if (call_data(&c, a.x, NULL, a.axis, BN_AXIS_KEPT) < 0 || (a.training && call_require_batch(&c) < 0) ||
         per_feature(a.gamma, "gamma", &core->L, 0, 1.0, s->gamma, NULL) < 0 ||
         per_feature(a.beta, "beta", &core->L, 0, 0.0, s->beta, NULL) < 0)
         goto done;
@@ -327,7 +326,7 @@ static PyObject *bn_backward(PyObject *self, PyObject *const *args, Py_ssize_t n
     PyObject *result = NULL;
     PyArrayObject *gamma = NULL, *dgamma = NULL, *dbeta = NULL;
     int failed;
-    if (call_data(&c, a.x, a.dy, a.axis) < 0 || (a.training && call_require_batch(&c) < 0) ||
+    if (call_data(&c, a.x, a.dy, a.axis, BN_AXIS_KEPT) < 0 || (a.training && call_require_batch(&c) < 0) ||
         required_per_feature(a.mean, "mean", &core->L, 0, s->mean) < 0 ||
         required_per_feature(a.rstd, "rstd", &core->L, 0, s->rstd) < 0 ||
         per_feature(a.gamma, "gamma", &core->L, 0, 1.0, s->gamma, &gamma) < 0 ||
@@ -343,7 +342,7 @@ static PyObject *bn_backward(PyObject *self, PyObject *const *args, Py_ssize_t n
     PyArray_Descr *grad = param_grad_descr(&c, a.gamma);
     if (!grad)
         goto done;
-    dgamma = sum_to_param(&c, gamma, grad, bn_step_dgamma(core));
+    dgamma = sum_to_param(&core->L, gamma, grad, bn_step_dgamma(core));
     /* dbeta has shape F, or gamma's when gamma is F in keepdims shape (1, C, 1, 1) */
     const int keepdims = gamma && PyArray_NDIM(gamma) != core->L.nkept &&
                          has_feature_shape(&core->L, gamma);
@@ -390,7 +389,7 @@ static PyObject *bn_batch_stats(PyObject *self, PyObject *const *args, Py_ssize_
     call c = {0};
     PyObject *result = NULL;
     int failed = 0;
-    if (call_data(&c, a.x, NULL, a.axis) < 0)
+    if (call_data(&c, a.x, NULL, a.axis, BN_AXIS_KEPT) < 0)
         goto done;
     if (c.core.L.m > 0) {
         RUN_WITHOUT_GIL(failed, bn_step_stats(&c.core) < 0);
@@ -444,7 +443,7 @@ static PyObject *bn_normalize(PyObject *self, PyObject *const *args, Py_ssize_t 
     bn_scratch *s = &c.core.s;
     PyObject *result = NULL;
     int failed;
-    if (call_data(&c, a.x, NULL, a.axis) < 0 ||
+    if (call_data(&c, a.x, NULL, a.axis, BN_AXIS_KEPT) < 0 ||
         required_per_feature(a.mean, "mean", &c.core.L, 0, s->mean) < 0 ||
         required_per_feature(a.rstd, "rstd", &c.core.L, 0, s->rstd) < 0 ||
         per_feature(a.gamma, "gamma", &c.core.L, 0, 1.0, s->gamma, NULL) < 0 ||
@@ -495,7 +494,7 @@ static PyObject *bn_backward_sums(PyObject *self, PyObject *const *args, Py_ssiz
     PyObject *result = NULL;
     int failed;
     bn_scratch *s = &c.core.s;
-    if (call_data(&c, a.x, a.dy, a.axis) < 0 ||
+    if (call_data(&c, a.x, a.dy, a.axis, BN_AXIS_KEPT) < 0 ||
         required_per_feature(a.mean, "mean", &c.core.L, 0, s->mean) < 0 ||
         (a.activation && (required_per_feature(a.rstd, "rstd", &c.core.L, 0, s->rstd) < 0 ||
                           per_feature(a.gamma, "gamma", &c.core.L, 0, 1.0, s->gamma, NULL) < 0 ||
@@ -558,7 +557,7 @@ static PyObject *bn_backward_apply(PyObject *self, PyObject *const *args, Py_ssi
     const bn_layout *L = &c.core.L;
     PyObject *result = NULL;
     int failed;
-    if (call_data(&c, a.x, a.dy, a.axis) < 0 ||
+    if (call_data(&c, a.x, a.dy, a.axis, BN_AXIS_KEPT) < 0 ||
         required_per_feature(a.mean, "mean", L, 0, s->mean) < 0 ||
         required_per_feature(a.rstd, "rstd", L, 0, s->rstd) < 0 ||
         per_feature(a.gamma, "gamma", L, 0, 1.0, s->gamma, NULL) < 0 ||
@@ -573,6 +572,526 @@ static PyObject *bn_backward_apply(PyObject *self, PyObject *const *args, Py_ssi
         Py_XINCREF(result);
     }
 done:
+    call_clear(&c);
+    return result;
+}
+
+/* ---- the normalization family: layer, RMS and group norm on the same passes ---- */
+
+/* Layer and RMS norm need a value to normalize in each row (as batch norm's training a batch). */
+static int require_normalized(const call *c)
+{
+    if (c->core.L.m == 0) {
+        PyErr_SetString(PyExc_ValueError,
+                        "bnorm: no elements to normalize over (a normalized axis has length 0)");
+        return -1;
+    }
+    return 0;
+}
+
+/* RMS norm's eps: None is the epsilon of x's dtype (PyTorch's default). */
+static int rms_eps(PyObject *obj, const call *c, double *eps)
+{
+    if (obj != Py_None)
+        return bn_to_eps(obj, eps, "eps");
+    switch (c->type_num) {
+    case NPY_DOUBLE:
+        *eps = 2.220446049250313e-16; /* 2^-52 */
+        break;
+    case NPY_FLOAT:
+        *eps = 1.1920928955078125e-07; /* 2^-23 */
+        break;
+    case NPY_HALF:
+        *eps = 0.0009765625; /* 2^-10 */
+        break;
+    default: /* bfloat16 */
+        *eps = 0.0078125; /* 2^-7 */
+    }
+    return 0;
+}
+
+/* num_groups: an int that divides the C channels. */
+static int group_count(PyObject *obj, npy_intp C, npy_intp *G)
+{
+    const Py_ssize_t n = PyBool_Check(obj) ? -1 : PyNumber_AsSsize_t(obj, PyExc_OverflowError);
+    if (n == -1 && PyErr_Occurred()) {
+        PyErr_Clear();
+        PyErr_Format(PyExc_TypeError, "bnorm: num_groups must be an int, got %R", obj);
+        return -1;
+    }
+    if (n < 1 || C % n != 0) {
+        PyErr_Format(PyExc_ValueError,
+                     "bnorm: num_groups=%zd does not divide the %zd channels into groups", n,
+                     (Py_ssize_t)C);
+        return -1;
+    }
+    *G = n;
+    return 0;
+}
+
+/* Group norm's per-(sample, group) statistics given to backward: shape (N, G) exactly. */
+static int read_group_stats(PyObject *obj, const char *name, npy_intp N, npy_intp G,
+                            double *dst)
+{
+    if (obj == Py_None) {
+        PyErr_Format(PyExc_TypeError, "bnorm: %s is required (shape (N, num_groups)), got None",
+                     name);
+        return -1;
+    }
+    PyArrayObject *arr = (PyArrayObject *)PyArray_FromAny(obj, NULL, 0, 0, 0, NULL);
+    if (!arr)
+        return -1;
+    if (PyArray_ISBOOL(arr) || !(PyArray_ISFLOAT(arr) || PyArray_ISINTEGER(arr) ||
+                                 is_bfloat16(PyArray_DESCR(arr)))) {
+        PyErr_Format(PyExc_TypeError, "bnorm: %s has dtype %R; expected real numbers", name,
+                     (PyObject *)PyArray_DESCR(arr));
+        Py_DECREF(arr);
+        return -1;
+    }
+    const npy_intp want[2] = {N, G};
+    if (PyArray_NDIM(arr) != 2 || !PyArray_CompareLists(PyArray_DIMS(arr), want, 2)) {
+        PyObject *got = PyObject_GetAttrString((PyObject *)arr, "shape");
+        if (got)
+            PyErr_Format(PyExc_ValueError,
+                         "bnorm: %s has shape %R, but the statistics' shape is (%zd, %zd)", name,
+                         got, (Py_ssize_t)N, (Py_ssize_t)G);
+        Py_XDECREF(got);
+        Py_DECREF(arr);
+        return -1;
+    }
+    PyArrayObject *dbl = (PyArrayObject *)PyArray_FromArray(
+        arr, PyArray_DescrFromType(NPY_DOUBLE),
+        NPY_ARRAY_C_CONTIGUOUS | NPY_ARRAY_ALIGNED | NPY_ARRAY_FORCECAST);
+    Py_DECREF(arr);
+    if (!dbl)
+        return -1;
+    memcpy(dst, PyArray_DATA(dbl), sizeof(double) * (size_t)(N * G));
+    Py_DECREF(dbl);
+    return 0;
+}
+
+static const char layer_norm_doc[] =
+    "Layer norm: normalize ``x`` over the axes ``axis`` names; returns ``(y, mean, rstd)``.\n"
+    "\n"
+    "``axis`` (int or tuple) names the normalized axes, as every framework's layer norm does\n"
+    "(PyTorch's ``normalized_shape=(H, W)`` is ``axis=(-2, -1)``); ConvNeXt's channels-first\n"
+    "layer norm is ``axis=1``.  ``mean`` and ``rstd = 1/sqrt(var + eps)`` have ``x``'s shape\n"
+    "without the normalized axes (x's dtype; float32 for half precision).  ``gamma`` / ``beta``:\n"
+    "None, or anything broadcasting to the normalized axes' shape ``G`` (or x's keepdims shape).\n"
+    "``y = (x - mean) * rstd * gamma + beta`` from float64 sums of shifted data.  ``out`` and\n"
+    "``activation`` as in ``bnorm.forward``.";
+
+typedef struct {
+    PyObject *x, *gamma, *beta, *axis;
+    double eps;
+    int activation;
+    PyObject *out;
+} layer_norm_args;
+
+static bn_spec layer_norm_spec = {
+    "layer_norm", 3, {
+        BN_PARAM(layer_norm_args, x, NULL, bn_to_object),
+        BN_PARAM(layer_norm_args, gamma, "None", bn_to_object),
+        BN_PARAM(layer_norm_args, beta, "None", bn_to_object),
+        BN_PARAM(layer_norm_args, axis, "-1", bn_to_object),
+        BN_PARAM(layer_norm_args, eps, "1e-05", bn_to_eps),
+        BN_PARAM(layer_norm_args, activation, "None", bn_to_activation),
+        BN_PARAM(layer_norm_args, out, "None", bn_to_object),
+    }, layer_norm_doc};
+
+/* y and the per-row statistics as the tuple (y, stats...) */
+static PyObject *pack_forward(call *c, int nstats, const double *const *stats)
+{
+    PyObject *items[3] = {NULL, NULL, NULL};
+    PyObject *result = NULL;
+    for (int i = 0; i < nstats; i++)
+        if (!(items[1 + i] = (PyObject *)feature_array(&c->core.L, c->stats_type_num, stats[i])))
+            goto done;
+    items[0] = call_finish(c);
+    if (!items[0])
+        goto done;
+    Py_INCREF(items[0]);
+    result = nstats == 2 ? PyTuple_Pack(3, items[0], items[1], items[2])
+                         : PyTuple_Pack(2, items[0], items[1]);
+done:
+    for (int i = 0; i < 3; i++)
+        Py_XDECREF(items[i]);
+    return result;
+}
+
+static PyObject *bn_layer_norm(PyObject *self, PyObject *const *args, Py_ssize_t nargs,
+                               PyObject *kwnames)
+{
+    layer_norm_args a;
+    if (bn_bind(&layer_norm_spec, args, nargs, kwnames, &a) < 0)
+        return NULL;
+    call c = {0};
+    bn_call *core = &c.core;
+    PyObject *result = NULL;
+    int failed;
+    if (call_data(&c, a.x, NULL, a.axis, BN_AXIS_NORMALIZED) < 0 || require_normalized(&c) < 0 ||
+        per_feature(a.gamma, "gamma", &c.P, 0, 1.0, core->p.gamma, NULL) < 0 ||
+        per_feature(a.beta, "beta", &c.P, 0, 0.0, core->p.beta, NULL) < 0 ||
+        call_out(&c, a.out) < 0)
+        goto done;
+    bn_params_prepare(core);
+    RUN_WITHOUT_GIL(failed, bn_step_stats(core) < 0 || bn_step_rstd(core, a.eps) < 0 ||
+                                bn_step_normalize(core, a.activation) < 0);
+    if (!failed) {
+        const double *stats[2] = {core->s.mean, core->s.rstd};
+        result = pack_forward(&c, 2, stats);
+    }
+done:
+    call_clear(&c);
+    return result;
+}
+
+static const char rms_norm_doc[] =
+    "RMS norm: ``y = x * rrms * gamma`` with ``rrms = 1/sqrt(mean(x**2 over axis) + eps)``;\n"
+    "returns ``(y, rrms)``.  ``eps=None`` is ``np.finfo(x.dtype).eps`` (PyTorch's default).\n"
+    "Axes, shapes and ``out`` as in ``bnorm.layer_norm``.";
+
+typedef struct {
+    PyObject *x, *gamma, *axis, *eps, *out;
+} rms_norm_args;
+
+static bn_spec rms_norm_spec = {
+    "rms_norm", 2, {
+        BN_PARAM(rms_norm_args, x, NULL, bn_to_object),
+        BN_PARAM(rms_norm_args, gamma, "None", bn_to_object),
+        BN_PARAM(rms_norm_args, axis, "-1", bn_to_object),
+        BN_PARAM(rms_norm_args, eps, "None", bn_to_object),
+        BN_PARAM(rms_norm_args, out, "None", bn_to_object),
+    }, rms_norm_doc};
+
+static PyObject *bn_rms_norm(PyObject *self, PyObject *const *args, Py_ssize_t nargs,
+                             PyObject *kwnames)
+{
+    rms_norm_args a;
+    if (bn_bind(&rms_norm_spec, args, nargs, kwnames, &a) < 0)
+        return NULL;
+    call c = {0};
+    bn_call *core = &c.core;
+    PyObject *result = NULL;
+    double eps;
+    int failed;
+    if (call_data(&c, a.x, NULL, a.axis, BN_AXIS_NORMALIZED) < 0 || require_normalized(&c) < 0 ||
+        rms_eps(a.eps, &c, &eps) < 0 ||
+        per_feature(a.gamma, "gamma", &c.P, 0, 1.0, core->p.gamma, NULL) < 0 ||
+        call_out(&c, a.out) < 0)
+        goto done;
+    bn_params_prepare(core); /* beta: zeros */
+    RUN_WITHOUT_GIL(failed, bn_step_mean_square(core) < 0 || bn_step_rstd(core, eps) < 0 ||
+                                bn_step_normalize(core, 0) < 0);
+    if (!failed) {
+        const double *stats[1] = {core->s.rstd};
+        result = pack_forward(&c, 1, stats);
+    }
+done:
+    call_clear(&c);
+    return result;
+}
+
+static const char layer_norm_backward_doc[] =
+    "Gradients of layer norm: returns ``(dx, dgamma, dbeta)``.\n"
+    "\n"
+    "``mean`` and ``rstd`` are what ``layer_norm`` returned (``mean`` is taken to be each row's\n"
+    "own: its low bits are recomputed from ``x`` in float64).  With ``xhat = (x - mean) * rstd``\n"
+    "and ``g = dy * gamma``: ``dx = rstd * (g - mean(g) - xhat * mean(g * xhat))`` over the\n"
+    "normalized axes; ``dgamma = sum(dy * xhat)`` and ``dbeta = sum(dy)`` over the others, in\n"
+    "gamma's shape (``G`` when gamma is None).  ``beta`` and ``activation`` as in\n"
+    "``bnorm.backward``; ``out`` (``out=dy`` works in place).";
+
+typedef struct {
+    PyObject *dy, *x, *mean, *rstd, *gamma, *axis, *beta;
+    int activation;
+    PyObject *out;
+} layer_norm_backward_args;
+
+static bn_spec layer_norm_backward_spec = {
+    "layer_norm_backward", 5, {
+        BN_PARAM(layer_norm_backward_args, dy, NULL, bn_to_object),
+        BN_PARAM(layer_norm_backward_args, x, NULL, bn_to_object),
+        BN_PARAM(layer_norm_backward_args, mean, NULL, bn_to_object),
+        BN_PARAM(layer_norm_backward_args, rstd, NULL, bn_to_object),
+        BN_PARAM(layer_norm_backward_args, gamma, "None", bn_to_object),
+        BN_PARAM(layer_norm_backward_args, axis, "-1", bn_to_object),
+        BN_PARAM(layer_norm_backward_args, beta, "None", bn_to_object),
+        BN_PARAM(layer_norm_backward_args, activation, "None", bn_to_activation),
+        BN_PARAM(layer_norm_backward_args, out, "None", bn_to_object),
+    }, layer_norm_backward_doc};
+
+/* dx, then the parameters' gradients (sums per parameter, nsums of them, into gamma's shape) */
+static PyObject *pack_backward(call *c, PyObject *gamma_obj, PyArrayObject *gamma, int nsums,
+                               const double *const *sums)
+{
+    PyObject *items[3] = {NULL, NULL, NULL};
+    PyObject *result = NULL;
+    PyArray_Descr *grad = param_grad_descr(c, gamma_obj);
+    if (!grad)
+        return NULL;
+    for (int i = 0; i < nsums; i++)
+        if (!(items[1 + i] = (PyObject *)sum_to_param(&c->P, gamma, grad, sums[i])))
+            goto done;
+    items[0] = call_finish(c);
+    if (!items[0])
+        goto done;
+    Py_INCREF(items[0]);
+    result = nsums == 2 ? PyTuple_Pack(3, items[0], items[1], items[2])
+                        : PyTuple_Pack(2, items[0], items[1]);
+done:
+    Py_DECREF(grad);
+    for (int i = 0; i < 3; i++)
+        Py_XDECREF(items[i]);
+    return result;
+}
+
+static PyObject *bn_layer_norm_backward(PyObject *self, PyObject *const *args, Py_ssize_t nargs,
+                                        PyObject *kwnames)
+{
+    layer_norm_backward_args a;
+    if (bn_bind(&layer_norm_backward_spec, args, nargs, kwnames, &a) < 0)
+        return NULL;
+    call c = {0};
+    bn_call *core = &c.core;
+    PyObject *result = NULL;
+    PyArrayObject *gamma = NULL;
+    int failed;
+    if (call_data(&c, a.x, a.dy, a.axis, BN_AXIS_NORMALIZED) < 0 || require_normalized(&c) < 0 ||
+        required_per_feature(a.mean, "mean", &core->L, 0, core->s.mean) < 0 ||
+        required_per_feature(a.rstd, "rstd", &core->L, 0, core->s.rstd) < 0 ||
+        per_feature(a.gamma, "gamma", &c.P, 0, 1.0, core->p.gamma, &gamma) < 0 ||
+        per_feature(a.beta, "beta", &c.P, 0, 0.0, core->p.beta, NULL) < 0 ||
+        call_out(&c, a.out) < 0)
+        goto done;
+    bn_params_prepare(core);
+    RUN_WITHOUT_GIL(failed,
+                    bn_step_bwd_sums(core, 1, a.activation) < 0 ||
+                        bn_step_bwd_apply(core, (double)core->L.m, 1, a.activation) < 0);
+    if (!failed) {
+        const double *sums[2] = {core->p.acc + core->L.nparam, core->p.acc};
+        result = pack_backward(&c, a.gamma, gamma, 2, sums);
+    }
+done:
+    Py_XDECREF(gamma);
+    call_clear(&c);
+    return result;
+}
+
+static const char rms_norm_backward_doc[] =
+    "Gradients of RMS norm: returns ``(dx, dgamma)``: with ``g = dy * gamma``,\n"
+    "``dx = rrms * (g - x * rrms**2 * mean(g * x))`` over the normalized axes and\n"
+    "``dgamma = sum(dy * x * rrms)`` over the others, in gamma's shape.";
+
+typedef struct {
+    PyObject *dy, *x, *rrms, *gamma, *axis, *out;
+} rms_norm_backward_args;
+
+static bn_spec rms_norm_backward_spec = {
+    "rms_norm_backward", 4, {
+        BN_PARAM(rms_norm_backward_args, dy, NULL, bn_to_object),
+        BN_PARAM(rms_norm_backward_args, x, NULL, bn_to_object),
+        BN_PARAM(rms_norm_backward_args, rrms, NULL, bn_to_object),
+        BN_PARAM(rms_norm_backward_args, gamma, "None", bn_to_object),
+        BN_PARAM(rms_norm_backward_args, axis, "-1", bn_to_object),
+        BN_PARAM(rms_norm_backward_args, out, "None", bn_to_object),
+    }, rms_norm_backward_doc};
+
+static PyObject *bn_rms_norm_backward(PyObject *self, PyObject *const *args, Py_ssize_t nargs,
+                                      PyObject *kwnames)
+{
+    rms_norm_backward_args a;
+    if (bn_bind(&rms_norm_backward_spec, args, nargs, kwnames, &a) < 0)
+        return NULL;
+    call c = {0};
+    bn_call *core = &c.core;
+    PyObject *result = NULL;
+    PyArrayObject *gamma = NULL;
+    int failed;
+    if (call_data(&c, a.x, a.dy, a.axis, BN_AXIS_NORMALIZED) < 0 || require_normalized(&c) < 0 ||
+        required_per_feature(a.rrms, "rrms", &core->L, 0, core->s.rstd) < 0 ||
+        per_feature(a.gamma, "gamma", &c.P, 0, 1.0, core->p.gamma, &gamma) < 0 ||
+        call_out(&c, a.out) < 0)
+        goto done;
+    bn_params_prepare(core); /* mean and beta: zeros */
+    RUN_WITHOUT_GIL(failed, bn_step_bwd_sums(core, 0, 0) < 0 ||
+                                (bn_rms_drop_mean_term(core), 0) ||
+                                bn_step_bwd_apply(core, (double)core->L.m, 1, 0) < 0);
+    if (!failed) {
+        const double *sums[1] = {core->p.acc + core->L.nparam};
+        result = pack_backward(&c, a.gamma, gamma, 1, sums);
+    }
+done:
+    Py_XDECREF(gamma);
+    call_clear(&c);
+    return result;
+}
+
+static const char group_norm_doc[] =
+    "Group norm: returns ``(y, mean, rstd)``.\n"
+    "\n"
+    "Axis 0 holds the samples, ``axis`` is the channel axis (1: NCHW, -1: NHWC).  Its ``C``\n"
+    "channels split into ``num_groups`` consecutive groups; statistics per (sample, group)\n"
+    "over the group's channels and every other axis: ``mean``, ``rstd`` of shape\n"
+    "``(N, num_groups)``.  ``gamma``, ``beta`` per channel.  ``num_groups == C`` is instance\n"
+    "norm.  ``out`` and ``activation`` as in ``bnorm.forward``.";
+
+typedef struct {
+    PyObject *x, *num_groups, *gamma, *beta, *axis;
+    double eps;
+    int activation;
+    PyObject *out;
+} group_norm_args;
+
+static bn_spec group_norm_spec = {
+    "group_norm", 4, {
+        BN_PARAM(group_norm_args, x, NULL, bn_to_object),
+        BN_PARAM(group_norm_args, num_groups, NULL, bn_to_object),
+        BN_PARAM(group_norm_args, gamma, "None", bn_to_object),
+        BN_PARAM(group_norm_args, beta, "None", bn_to_object),
+        BN_PARAM(group_norm_args, axis, "1", bn_to_object),
+        BN_PARAM(group_norm_args, eps, "1e-05", bn_to_eps),
+        BN_PARAM(group_norm_args, activation, "None", bn_to_activation),
+        BN_PARAM(group_norm_args, out, "None", bn_to_object),
+    }, group_norm_doc};
+
+/* the samples, channels and groups of a group-norm call; its (N, G) statistics' scratch */
+typedef struct {
+    npy_intp N, C, G;
+    double *mean, *rstd;
+} groups;
+
+static int group_setup(call *c, PyObject *num_groups, groups *g)
+{
+    g->C = c->P.nfeat;
+    g->N = PyArray_DIM(c->x, 0);
+    if (group_count(num_groups, g->C, &g->G) < 0)
+        return -1;
+    const npy_intp stats = g->N * g->G;
+    const size_t n = (size_t)(stats > 0 ? stats : 1);
+    g->mean = PyMem_Calloc(2 * n, sizeof(double));
+    if (!g->mean) {
+        PyErr_NoMemory();
+        return -1;
+    }
+    g->rstd = g->mean + n;
+    return 0;
+}
+
+/* (N, G) statistics as arrays of the statistics' dtype */
+static PyArrayObject *group_array(const call *c, const groups *g, const double *values)
+{
+    const npy_intp dims[2] = {g->N, g->G};
+    return filled_array(2, dims, c->stats_type_num, values);
+}
+
+static PyObject *bn_group_norm(PyObject *self, PyObject *const *args, Py_ssize_t nargs,
+                               PyObject *kwnames)
+{
+    group_norm_args a;
+    if (bn_bind(&group_norm_spec, args, nargs, kwnames, &a) < 0)
+        return NULL;
+    call c = {0};
+    bn_call *core = &c.core;
+    groups g = {0};
+    PyObject *result = NULL;
+    PyArrayObject *mean = NULL, *rstd = NULL;
+    int failed;
+    if (call_data(&c, a.x, NULL, a.axis, BN_AXIS_CHANNEL) < 0 ||
+        group_setup(&c, a.num_groups, &g) < 0 ||
+        per_feature(a.gamma, "gamma", &c.P, 0, 1.0, core->p.gamma, NULL) < 0 ||
+        per_feature(a.beta, "beta", &c.P, 0, 0.0, core->p.beta, NULL) < 0 ||
+        call_out(&c, a.out) < 0)
+        goto done;
+    Py_BEGIN_ALLOW_THREADS;
+    failed = bn_step_stats(core) < 0;
+    if (!failed) {
+        bn_group_combine(core, g.C, g.G, g.mean, g.rstd);
+        bn_rstd(g.rstd, a.eps, g.rstd, g.N * g.G);
+        bn_group_expand(core, g.C, g.G, g.mean, g.rstd, core->p.gamma, core->p.beta);
+        failed = bn_step_normalize(core, a.activation) < 0;
+    }
+    Py_END_ALLOW_THREADS;
+    if (failed) {
+        PyErr_NoMemory();
+        goto done;
+    }
+    mean = group_array(&c, &g, g.mean);
+    rstd = group_array(&c, &g, g.rstd);
+    PyObject *y = mean && rstd ? call_finish(&c) : NULL;
+    if (y)
+        result = PyTuple_Pack(3, y, (PyObject *)mean, (PyObject *)rstd);
+done:
+    Py_XDECREF(mean);
+    Py_XDECREF(rstd);
+    PyMem_Free(g.mean);
+    call_clear(&c);
+    return result;
+}
+
+static const char group_norm_backward_doc[] =
+    "Gradients of group norm: returns ``(dx, dgamma, dbeta)`` (per channel, in gamma's\n"
+    "shape).  ``mean`` and ``rstd`` are what ``group_norm`` returned, shape\n"
+    "``(N, num_groups)``; the means are taken to be x's own (their low bits recomputed in\n"
+    "float64).  ``beta``, ``activation`` and ``out`` as in ``bnorm.backward``.";
+
+typedef struct {
+    PyObject *dy, *x, *mean, *rstd, *num_groups, *gamma, *axis, *beta;
+    int activation;
+    PyObject *out;
+} group_norm_backward_args;
+
+static bn_spec group_norm_backward_spec = {
+    "group_norm_backward", 6, {
+        BN_PARAM(group_norm_backward_args, dy, NULL, bn_to_object),
+        BN_PARAM(group_norm_backward_args, x, NULL, bn_to_object),
+        BN_PARAM(group_norm_backward_args, mean, NULL, bn_to_object),
+        BN_PARAM(group_norm_backward_args, rstd, NULL, bn_to_object),
+        BN_PARAM(group_norm_backward_args, num_groups, NULL, bn_to_object),
+        BN_PARAM(group_norm_backward_args, gamma, "None", bn_to_object),
+        BN_PARAM(group_norm_backward_args, axis, "1", bn_to_object),
+        BN_PARAM(group_norm_backward_args, beta, "None", bn_to_object),
+        BN_PARAM(group_norm_backward_args, activation, "None", bn_to_activation),
+        BN_PARAM(group_norm_backward_args, out, "None", bn_to_object),
+    }, group_norm_backward_doc};
+
+static PyObject *bn_group_norm_backward(PyObject *self, PyObject *const *args, Py_ssize_t nargs,
+                                        PyObject *kwnames)
+{
+    group_norm_backward_args a;
+    if (bn_bind(&group_norm_backward_spec, args, nargs, kwnames, &a) < 0)
+        return NULL;
+    call c = {0};
+    bn_call *core = &c.core;
+    groups g = {0};
+    PyObject *result = NULL;
+    PyArrayObject *gamma = NULL;
+    double *grads = NULL;
+    int failed;
+    if (call_data(&c, a.x, a.dy, a.axis, BN_AXIS_CHANNEL) < 0 ||
+        group_setup(&c, a.num_groups, &g) < 0 ||
+        read_group_stats(a.mean, "mean", g.N, g.G, g.mean) < 0 ||
+        read_group_stats(a.rstd, "rstd", g.N, g.G, g.rstd) < 0 ||
+        per_feature(a.gamma, "gamma", &c.P, 0, 1.0, core->p.gamma, &gamma) < 0 ||
+        per_feature(a.beta, "beta", &c.P, 0, 0.0, core->p.beta, NULL) < 0 ||
+        call_out(&c, a.out) < 0)
+        goto done;
+    grads = PyMem_Calloc((size_t)(2 * (g.C ? g.C : 1)), sizeof(double));
+    if (!grads) {
+        PyErr_NoMemory();
+        goto done;
+    }
+    bn_group_expand(core, g.C, g.G, g.mean, g.rstd, core->p.gamma, core->p.beta);
+    RUN_WITHOUT_GIL(failed, bn_step_group_backward(core, g.C, g.G, a.activation, grads,
+                                                   grads + g.C) < 0);
+    if (!failed) {
+        const double *sums[2] = {grads, grads + g.C};
+        result = pack_backward(&c, a.gamma, gamma, 2, sums);
+    }
+done:
+    Py_XDECREF(gamma);
+    PyMem_Free(grads);
+    PyMem_Free(g.mean);
     call_clear(&c);
     return result;
 }
@@ -696,6 +1215,17 @@ static PyMethodDef methods[] = {
      METH_FASTCALL | METH_KEYWORDS, NULL},
     {"backward_apply", (PyCFunction)(void (*)(void))bn_backward_apply,
      METH_FASTCALL | METH_KEYWORDS, NULL},
+    {"layer_norm", (PyCFunction)(void (*)(void))bn_layer_norm, METH_FASTCALL | METH_KEYWORDS,
+     NULL},
+    {"layer_norm_backward", (PyCFunction)(void (*)(void))bn_layer_norm_backward,
+     METH_FASTCALL | METH_KEYWORDS, NULL},
+    {"rms_norm", (PyCFunction)(void (*)(void))bn_rms_norm, METH_FASTCALL | METH_KEYWORDS, NULL},
+    {"rms_norm_backward", (PyCFunction)(void (*)(void))bn_rms_norm_backward,
+     METH_FASTCALL | METH_KEYWORDS, NULL},
+    {"group_norm", (PyCFunction)(void (*)(void))bn_group_norm, METH_FASTCALL | METH_KEYWORDS,
+     NULL},
+    {"group_norm_backward", (PyCFunction)(void (*)(void))bn_group_norm_backward,
+     METH_FASTCALL | METH_KEYWORDS, NULL},
     {"get_num_threads", bn_py_get_num_threads, METH_NOARGS,
      "get_num_threads($module)\n--\n\nThreads the kernels use."},
     {"set_num_threads", bn_py_set_num_threads, METH_O,
@@ -713,8 +1243,12 @@ static PyMethodDef methods[] = {
 };
 
 /* methods[]'s entry for each spec, which gets the docstring the spec signs */
-static bn_spec *const specs[] = {&forward_spec,       &backward_spec,      &batch_stats_spec,
-                                 &normalize_spec,     &backward_sums_spec, &backward_apply_spec};
+static bn_spec *const specs[] = {&forward_spec,        &backward_spec,
+                                 &batch_stats_spec,    &normalize_spec,
+                                 &backward_sums_spec,  &backward_apply_spec,
+                                 &layer_norm_spec,     &layer_norm_backward_spec,
+                                 &rms_norm_spec,       &rms_norm_backward_spec,
+                                 &group_norm_spec,     &group_norm_backward_spec};
 
 static struct PyModuleDef module = {
     PyModuleDef_HEAD_INIT, "bnorm._bnorm", "bnorm's C kernels; use the functions in bnorm.", -1,

@@ -20,6 +20,10 @@ typedef struct {
     npy_intp fstride[BN_MAXDIMS]; /* per axis of x: feature-number stride, 0 on batch axes */
     npy_intp nfeat;               /* prod(F) */
     npy_intp m;                   /* elements reduced per feature */
+    /* Layer and RMS norm: their parameters are per element of the normalized axes (the batch
+     * axes here), numbered in C order: pstride per axis of x as fstride; nparam 0 otherwise. */
+    npy_intp pstride[BN_MAXDIMS];
+    npy_intp nparam;
 } bn_layout;
 
 /* An array of the layout's shape: its data and byte strides (borrowed). */
@@ -45,6 +49,9 @@ typedef struct {
     const bn_dtype_kernels *K;
     bn_operand x, dy, result;
     bn_scratch s;
+    /* per parameter (L.nparam of them): gamma, beta; scale and offset hold them in the
+     * coefficient type for the kernels, acc the sums of dy and dy * xhat (dbeta, dgamma) */
+    bn_scratch p;
 } bn_call;
 
 /* Element f of an aligned per-feature vector of floats (itemsize 4) or doubles (itemsize 8).
@@ -89,6 +96,33 @@ int bn_step_bwd_apply(bn_call *c, double count, int training, int relu);
 int bn_step_bwd_apply_given(bn_call *c, double count, int relu);
 /* dgamma per feature, rstd * sum(dy * (x - mean)), into s.var (free in backward); returns it. */
 const double *bn_step_dgamma(bn_call *c);
+
+/* ---- layer and RMS norm: features are the rows (the axes not normalized), parameters the
+ * columns; the batch-norm steps above take parameters into account when L.nparam > 0 ---- */
+
+/* p.gamma, p.beta into the kernels' coefficient type, and the rows' own gamma and beta to 1 and
+ * 0 (the affine parameters are per column). */
+void bn_params_prepare(bn_call *c);
+/* RMS norm's statistic: s.mean = 0, s.var = mean(x^2) per row (float64 sums of x itself). */
+int bn_step_mean_square(bn_call *c);
+/* After bn_step_bwd_sums: RMS norm has no mean to subtract (its dx has no sum(dy) term). */
+void bn_rms_drop_mean_term(bn_call *c);
+
+/* ---- group norm: features are (sample, channel) pairs, f = n * C + c, over G groups of
+ * C / G consecutive channels; statistics are per (sample, group) ---- */
+
+/* The per-(sample, group) mean and biased variance from bn_step_stats' per-(sample, channel)
+ * ones (equal counts: the mean of the means, and the variances' mean plus the means' spread). */
+void bn_group_combine(const bn_call *c, npy_intp C, npy_intp G, double *gmean, double *gvar);
+/* s.mean, s.rstd, s.gamma, s.beta per (sample, channel): its group's statistics and its
+ * channel's parameters (cgamma, cbeta: C each). */
+void bn_group_expand(bn_call *c, npy_intp C, npy_intp G, const double *gmean,
+                     const double *grstd, const double *cgamma, const double *cbeta);
+/* Group norm's backward after bn_group_expand: dx into result, per channel dgamma and dbeta
+ * (C each, zeroed by the caller).  The groups' means are taken to be x's own (their low bits
+ * recomputed from the data, as batch norm's training backward does). */
+int bn_step_group_backward(bn_call *c, npy_intp C, npy_intp G, int relu, double *dgamma,
+                           double *dbeta);
 
 /* work = momentum * work + (1 - momentum) * batch_scale * batch, per feature: a running
  * statistic's update (batch_scale M / (M - 1) makes a biased variance unbiased). */
