@@ -1053,7 +1053,8 @@ def scaling_sizes(lo, hi):
 def scaling_run(args, torch):
     """{size: {peer: seconds per step}} and the shapes: each size's x is (n, 64) float32,
     channels-last (NHWC flattened: bnorm and the post's code see the same memory either way)."""
-    results, shapes = {}, {}
+    results, shapes, loads = {}, {}, {}
+    monitor = LoadMonitor()
     for nbytes in scaling_sizes(args.scaling_min, args.scaling_max):
         n = nbytes // (4 * SCALING_FEATURES)
         case = Case(f"NC ({n},{SCALING_FEATURES})", "scaling", (n, SCALING_FEATURES), "nc",
@@ -1065,16 +1066,25 @@ def scaling_run(args, torch):
             fns["NumPy (post)"] = numpy_ops(case)[0]["step"]
         # large arrays: a call lasts long enough, the budget's minimum of calls is plenty
         budget = args.budget if nbytes < (64 << 20) else 0
-        results[nbytes] = measure(fns, budget, args.rounds)
+        # as the suite: a size timed while other processes were busy is timed again, after
+        # waiting (here up to 10 s) for a quiet second; the load is reported in the table
+        for attempt in range(args.retries + 1):
+            if attempt:
+                monitor.wait_quiet(args.max_load, 10)
+            monitor.start()
+            results[nbytes] = measure(fns, budget, args.rounds)
+            loads[nbytes] = monitor.stop()
+            if loads[nbytes] <= args.max_load:
+                break
         shapes[nbytes] = (n, SCALING_FEATURES)
         print(f"  {fmt_bytes(nbytes)}: " + ", ".join(
             f"{k} {fmt_time(v)}" for k, v in results[nbytes].items()), file=sys.stderr)
         del case, fns
         gc.collect()
-    return results, shapes
+    return results, shapes, loads
 
 
-def scaling_lines(args, torch, results, shapes, config):
+def scaling_lines(args, torch, results, shapes, loads, config):
     peers = ["bnorm", "PyTorch", "NumPy (post)"]
     caches = config["caches"]
     lines = header_lines(args, torch)[:1] + [
@@ -1092,8 +1102,8 @@ def scaling_lines(args, torch, results, shapes, config):
         f"{fmt_bytes(config['thresholds']['stream_out'])} touched.",
         "",
         "| x size | shape | " + " | ".join(f"{p} ns/elem" for p in peers)
-        + " | bnorm step | PyTorch/bnorm | NumPy/bnorm |",
-        "|" + "---|" * 2 + "---:|" * (len(peers) + 3),
+        + " | bnorm step | PyTorch/bnorm | NumPy/bnorm | others' CPUs |",
+        "|" + "---|" * 2 + "---:|" * (len(peers) + 4),
     ]
     for nbytes, times in results.items():
         elems = shapes[nbytes][0] * shapes[nbytes][1]
@@ -1101,7 +1111,10 @@ def scaling_lines(args, torch, results, shapes, config):
         ratios = [fmt_ratio(ratio(times.get(p), times["bnorm"])) for p in peers[1:]]
         lines.append(f"| {fmt_bytes(nbytes)} | {shape_str(shapes[nbytes])} | "
                      + " | ".join(cells) + f" | {fmt_time(times['bnorm'])} | "
-                     + " | ".join(ratios) + " |")
+                     + " | ".join(ratios) + f" | {loads[nbytes]:.2f} |")
+    lines += ["", f"`others' CPUs`: CPUs' worth of time other processes used while the size was "
+              f"timed (after up to {args.retries} re-runs): above {args.max_load}, the "
+              f"multithreaded timings (bnorm's, PyTorch's) are unreliable."]
     return lines
 
 
@@ -1145,11 +1158,11 @@ def scaling_main(args, torch):
     config = bnorm.show_config(mode="dicts")
     # y and dx of the largest step, and room
     bnorm.set_buffer_cache(max(3 * args.scaling_max, 512 << 20))
-    results, shapes = scaling_run(args, torch)
+    results, shapes, loads = scaling_run(args, torch)
     if not results:
         print("no sizes in the range given", file=sys.stderr)
         return 1
-    text = "\n".join(scaling_lines(args, torch, results, shapes, config)) + "\n"
+    text = "\n".join(scaling_lines(args, torch, results, shapes, loads, config)) + "\n"
     sys.stdout.write(text)
     if args.markdown:
         with open(args.markdown, "w", encoding="utf-8") as f:

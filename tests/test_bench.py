@@ -104,7 +104,8 @@ def test_scaling_runs(tmp_path):
     table, png = tmp_path / "scaling.md", tmp_path / "scaling.png"
     cmd = [sys.executable, str(ROOT / "benchmarks" / "bench.py"), "--scaling",
            "--scaling-min", "4K", "--scaling-max", "16K", "--scaling-numpy-max", "8K",
-           "--budget", "0.01", "--rounds", "1", "--markdown", str(table), "--plot", str(png)]
+           "--budget", "0.01", "--rounds", "1", "--retries", "0", "--markdown", str(table),
+           "--plot", str(png)]
     run = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=child_env())
     assert run.returncode == 0, run.stderr
     text = table.read_text(encoding="utf-8")
@@ -118,5 +119,6 @@ def test_scaling_runs(tmp_path):
         assert re.fullmatch(TIME, r["bnorm step"]), r
         assert (r["PyTorch ns/elem"] != "n/a") == torch_installed, r
         assert (r["NumPy (post) ns/elem"] != "n/a") == (r["x size"] != "16 KiB"), r
+        assert float(r["others' CPUs"]) >= 0, r
     assert "Caches (" in text and "L1d " in text
     assert png.exists() == (importlib.util.find_spec("matplotlib") is not None)
