@@ -85,11 +85,12 @@ setup(
             "bnorm._bnorm",
             sources=[
                 "csrc/module.c", "csrc/args.c", "csrc/passes.c", "csrc/iter.c", "csrc/pool.c",
-                "csrc/kernels.c", "csrc/buffers.c",
+                "csrc/kernels.c", "csrc/buffers.c", "csrc/caches.c",
             ],
             depends=[
                 "csrc/args.h", "csrc/passes.h", "csrc/iter.h", "csrc/pool.h", "csrc/kernels.h",
                 "csrc/kernels_target.h", "csrc/kernels_impl.h", "csrc/buffers.h", "csrc/threads.h",
+                "csrc/caches.h",
             ],
             include_dirs=[numpy.get_include(), "csrc"],
             define_macros=[("NPY_NO_DEPRECATED_API", "NPY_1_25_API_VERSION")],

@@ -6,6 +6,7 @@ Run after installing bnorm (``pip install .``; add ``'.[bench]'`` for PyTorch an
     python benchmarks/bench.py                 # full suite, a few minutes
     python benchmarks/bench.py --quick         # float32 and half, a few shapes, about a minute
     python benchmarks/bench.py --threads 1 --markdown results.md --plot speedup.png
+    python benchmarks/bench.py --scaling       # the training step from 4 KiB to 1 GiB: scaling.png
 
 Peers, timed in the same process on the same arrays:
 
@@ -1317,6 +1318,166 @@ def plot(rows, path):
     fig.savefig(path, dpi=120)
 
 
+# --------------------------------------------------------------------------------------------
+# scaling (--scaling): the float32 training step against the size of x
+
+SCALING_FEATURES = 64
+
+
+def parse_bytes(text):
+    """'4K', '1M', '1G' or a plain number of bytes."""
+    units = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}
+    text = text.strip().upper().removesuffix("IB").removesuffix("B")
+    if text and text[-1] in units:
+        return int(float(text[:-1]) * units[text[-1]])
+    return int(text)
+
+
+def fmt_bytes(n):
+    for unit, shift in (("GiB", 30), ("MiB", 20), ("KiB", 10)):
+        if n >= 1 << shift:
+            return f"{n / (1 << shift):g} {unit}"
+    return f"{n} B"
+
+
+def scaling_sizes(lo, hi):
+    """Powers of 2 in bytes from lo to hi (a float32 x of SCALING_FEATURES features needs at
+    least 2 rows)."""
+    size = 1 << max(int(lo).bit_length() - 1, 0)
+    size = max(size, 2 * SCALING_FEATURES * 4)
+    while size <= hi:
+        if size >= lo:
+            yield size
+        size *= 2
+
+
+def scaling_run(args, torch):
+    """{size: {peer: seconds per step}} and the shapes: each size's x is (n, 64) float32,
+    channels-last (NHWC flattened: bnorm and the post's code see the same memory either way)."""
+    results, shapes, loads = {}, {}, {}
+    monitor = LoadMonitor()
+    for nbytes in scaling_sizes(args.scaling_min, args.scaling_max):
+        n = nbytes // (4 * SCALING_FEATURES)
+        case = Case(f"NC ({n},{SCALING_FEATURES})", "scaling", (n, SCALING_FEATURES), "nc",
+                    np.float32)
+        fns = {"bnorm": bnorm_ops(case)[0]["step"]}
+        if torch is not None:
+            fns["PyTorch"] = torch_ops(case, torch)[0]["step"]
+        if nbytes <= args.scaling_numpy_max:
+            fns["NumPy (post)"] = numpy_ops(case)[0]["step"]
+        # large arrays: a call lasts long enough, the budget's minimum of calls is plenty
+        budget = args.budget if nbytes < (64 << 20) else 0
+        # as the suite: a size timed while other processes were busy is timed again, after
+        # waiting (here up to 10 s) for a quiet second; the load is reported in the table
+        for attempt in range(args.retries + 1):
+            if attempt:
+                monitor.wait_quiet(args.max_load, 10)
+            monitor.start()
+            results[nbytes] = measure(fns, budget, args.rounds)
+            loads[nbytes] = monitor.stop()
+            if loads[nbytes] <= args.max_load:
+                break
+        shapes[nbytes] = (n, SCALING_FEATURES)
+        print(f"  {fmt_bytes(nbytes)}: " + ", ".join(
+            f"{k} {fmt_time(v)}" for k, v in results[nbytes].items()), file=sys.stderr)
+        del case, fns
+        gc.collect()
+    return results, shapes, loads
+
+
+def scaling_lines(args, torch, results, shapes, loads, config):
+    peers = ["bnorm", "PyTorch", "NumPy (post)"]
+    caches = config["caches"]
+    lines = header_lines(args, torch)[:1] + [
+        "",
+        f"Scaling: the float32 training step (forward + backward, fresh outputs) on x of shape "
+        f"(n, {SCALING_FEATURES}) (channels-last), time per element of x (ns). The post's NumPy "
+        f"code is timed up to {fmt_bytes(args.scaling_numpy_max)} of x (`--scaling-numpy-max`: "
+        f"larger arrays take it seconds per step and several times x's size in temporaries). "
+        f"bnorm's buffer cache is raised to hold a step's outputs at every size "
+        f"(`bnorm.set_buffer_cache`); the peers' temporaries from 32 MiB are mapped afresh by "
+        f"glibc on every call. Caches ({caches['source']}): L1d {fmt_bytes(caches['l1d'])}, "
+        f"L2 {fmt_bytes(caches['l2'])}"
+        + (f", L3 {fmt_bytes(caches['l3'])}" if caches["l3"] else ", no L3") + "; "
+        f"bnorm's elementwise passes use streaming stores past "
+        f"{fmt_bytes(config['thresholds']['stream_out'])} touched.",
+        "",
+        "| x size | shape | " + " | ".join(f"{p} ns/elem" for p in peers)
+        + " | bnorm step | PyTorch/bnorm | NumPy/bnorm | others' CPUs |",
+        "|" + "---|" * 2 + "---:|" * (len(peers) + 4),
+    ]
+    for nbytes, times in results.items():
+        elems = shapes[nbytes][0] * shapes[nbytes][1]
+        cells = [f"{times[p] / elems * 1e9:.3g}" if p in times else "n/a" for p in peers]
+        ratios = [fmt_ratio(ratio(times.get(p), times["bnorm"])) for p in peers[1:]]
+        lines.append(f"| {fmt_bytes(nbytes)} | {shape_str(shapes[nbytes])} | "
+                     + " | ".join(cells) + f" | {fmt_time(times['bnorm'])} | "
+                     + " | ".join(ratios) + f" | {loads[nbytes]:.2f} |")
+    lines += ["", f"`others' CPUs`: CPUs' worth of time other processes used while the size was "
+              f"timed (after up to {args.retries} re-runs): above {args.max_load}, the "
+              f"multithreaded timings (bnorm's, PyTorch's) are unreliable."]
+    return lines
+
+
+def scaling_plot(results, shapes, config, path):
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(8, 4.8))
+    sizes = list(results)
+    for peer, style in (("bnorm", "o-"), ("PyTorch", "s-"), ("NumPy (post)", "^-")):
+        pts = [(b, results[b][peer] / (shapes[b][0] * shapes[b][1]) * 1e9)
+               for b in sizes if peer in results[b]]
+        if pts:
+            ax.plot(*zip(*pts), style, label=peer, ms=4)
+    caches, thr = config["caches"], config["thresholds"]
+    marks = [("L1d", caches["l1d"], "-"), ("L2", caches["l2"], "-"), ("L3", caches["l3"], "-"),
+             # the step's elementwise passes touch 2 (forward: x, y) and 3 (backward: x, dy, dx)
+             # times x's size: they stream their output from these sizes of x
+             ("bwd streams", thr["stream_out"] // 3, ":"),
+             ("fwd streams", thr["stream_out"] // 2, ":")]
+    for label, at, style in marks:
+        if at and sizes[0] <= at <= sizes[-1]:
+            ax.axvline(at, color="gray", ls=style, lw=1)
+            ax.text(at, 0.98, f" {label} {fmt_bytes(at)}", rotation=90, va="top", fontsize=7,
+                    color="dimgray", transform=ax.get_xaxis_transform())
+    ax.set_xscale("log", base=2)
+    ax.set_yscale("log")
+    ax.set_xticks(sizes[::2])
+    ax.set_xticklabels([fmt_bytes(b).replace(" ", "") for b in sizes[::2]], fontsize=7)
+    ax.set_xlabel(f"size of x (float32, (n, {SCALING_FEATURES}))")
+    ax.set_ylabel("ns per element (forward + backward)")
+    ax.set_title("Training step time per element against the size of x")
+    ax.grid(which="both", alpha=0.3)
+    ax.legend(fontsize=8, loc="upper right")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+def scaling_main(args, torch):
+    config = bnorm.show_config(mode="dicts")
+    # y and dx of the largest step, and room
+    bnorm.set_buffer_cache(max(3 * args.scaling_max, 512 << 20))
+    results, shapes, loads = scaling_run(args, torch)
+    if not results:
+        print("no sizes in the range given", file=sys.stderr)
+        return 1
+    text = "\n".join(scaling_lines(args, torch, results, shapes, loads, config)) + "\n"
+    sys.stdout.write(text)
+    if args.markdown:
+        with open(args.markdown, "w", encoding="utf-8") as f:
+            f.write(text)
+    path = args.plot or os.path.join(os.path.dirname(os.path.abspath(__file__)), "scaling.png")
+    try:
+        scaling_plot(results, shapes, config, path)
+    except ImportError:
+        print("no matplotlib: the table only, no plot", file=sys.stderr)
+    else:
+        print(f"plot: {path}", file=sys.stderr)
+    return 0
+
+
 def import_torch():
     try:
         import torch
@@ -1362,6 +1523,16 @@ def main(argv=None):
     p.add_argument("--retries", type=int, default=2,
                    help="re-runs of a case on a busy machine (each after waiting, up to 60 s, "
                    "for a quiet second)")
+    p.add_argument("--scaling", action="store_true",
+                   help="instead of the suite: the float32 training step against x's size "
+                   "(powers of 2 from --scaling-min to --scaling-max), a table and a plot "
+                   "(--plot, default benchmarks/scaling.png; without matplotlib, the table)")
+    p.add_argument("--scaling-min", type=parse_bytes, default=4 << 10, metavar="BYTES",
+                   help="smallest x for --scaling (default 4K)")
+    p.add_argument("--scaling-max", type=parse_bytes, default=1 << 30, metavar="BYTES",
+                   help="largest x for --scaling (default 1G)")
+    p.add_argument("--scaling-numpy-max", type=parse_bytes, default=256 << 20, metavar="BYTES",
+                   help="largest x on which --scaling times the post's NumPy code (default 256M)")
     args = p.parse_args(argv)
     if args.rounds < 1 or args.repeats < 1:
         p.error("--rounds and --repeats must be at least 1")
@@ -1379,6 +1550,9 @@ def main(argv=None):
     torch = None if args.no_torch else import_torch()
     if torch is not None:
         torch.set_num_threads(bnorm.get_num_threads())
+
+    if args.scaling:
+        return scaling_main(args, torch)
 
     t0 = time.perf_counter()
     runs, fruns, problems, wrong, busy, notes = {}, {}, [], [], [], {}

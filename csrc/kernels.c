@@ -3,6 +3,8 @@
  */
 #include "kernels.h"
 
+#include "caches.h"
+
 #include <math.h>
 #include <stdint.h>
 #include <string.h>
@@ -27,29 +29,65 @@
  * sums once, so larger groups halve that traffic ((4096,1024) float64 on 2 threads: 0.83 ->
  * 0.55 ms; (256,1024) float32 44 -> 36 us) */
 #define BN_STATS_ROWS 8
+/* The size thresholds (kernels.h), derived from the data caches at import by bn_tune_for.  The
+ * values here are the fallback caches' (caches.h), those of the machine the thresholds were
+ * measured on: 32 KiB 8-way L1d, 64-byte lines, 1 MiB L2 per core, 32 MiB L3. */
+bn_thresholds bn_tune = {4096, 64, 128, 256, 4096, (npy_intp)4 << 20, (npy_intp)24 << 20,
+                         (npy_intp)32 << 20};
+
+void bn_tune_for(const bn_caches *c)
+{
+    bn_thresholds t;
+    /* The line: streamed outputs must cover whole ones (16 bytes at least: SSE2's stores). */
+    t.line = c->line >= 16 && (c->line & (c->line - 1)) == 0 ? c->line : BN_FALLBACK_LINE;
+    /* One way of the L1d (its size over its ways): addresses this far apart share a set.  4 KiB,
+     * a page, where the ways are unknown: L1 caches indexed by virtual address are no larger. */
+    t.l1_way = c->l1d_ways > 0 && c->l1d % c->l1d_ways == 0 && c->l1d / c->l1d_ways >= t.line
+                   ? c->l1d / c->l1d_ways
+                   : 4096;
+    /* Short rows, whose group of BN_ROWS side by side spans a few lines that the prefetchers
+     * follow as one stream: 2 lines in the elementwise passes, 4 in the reductions (which read x
+     * alone, or 8 rows of it).  Long rows, each a stream of its own: one L1 way and up. */
+    t.short_row_apply = 2 * t.line;
+    t.short_row_reduce = 4 * t.line;
+    t.long_row = t.l1_way;
+    /* Streamed: more than the L2 caches hold, so that the data comes from the last level or from
+     * memory and the prefetchers set the pace: 4 L2s (here two cores' L2s twice over). */
+    t.streamed = 4 * c->l2;
+    /* The last level cache: the L3, or the L2 where there is no L3.  Outputs stream from 3/4 of
+     * it (the pass's inputs and output would not stay there with room to spare), or from all of
+     * it for short rows (see BN_STREAM_OUT below). */
+    const npy_intp llc = c->l3 > 0 ? c->l3 : c->l2;
+    t.stream_out = llc / 4 * 3;
+    t.stream_out_short_rows = llc;
+    bn_tune = t;
+}
+
+/* The thresholds as the kernels name them, with the measurements behind them. */
 /* bytes in one way of the L1 data cache: addresses this far apart share a set */
-#define BN_L1_WAY 4096
+#define BN_L1_WAY (bn_tune.l1_way)
 /* Bytes: passes over more than BN_STREAMED bytes (more than this machine's L2 caches hold), of
  * rows longer than the short ones and shorter than BN_LONG_ROW, walk rows one at a time (see
  * rows_one_by_one). */
-#define BN_STREAMED ((npy_intp)4 << 20)
-#define BN_SHORT_ROW_REDUCE 256
-#define BN_SHORT_ROW_APPLY 128
-#define BN_LONG_ROW 4096
+#define BN_STREAMED (bn_tune.streamed)
+#define BN_SHORT_ROW_REDUCE (bn_tune.short_row_reduce)
+#define BN_SHORT_ROW_APPLY (bn_tune.short_row_apply)
+#define BN_LONG_ROW (bn_tune.long_row)
 /* Bytes: an elementwise pass that touches more than this (its inputs and its output) writes the
  * output with non-temporal stores.  A plain store first reads the line it writes; past the last
  * level cache (32 MB here) that read costs a third of the traffic, and the prefetchers of the
  * machine we measured follow a pass that reads per-feature coefficients badly besides: normalize
  * (4096,1024) float32 on one thread 1.3 -> 0.63 ms, (16384,1024) 5.7 -> 3.5 ms; on 8 MiB arrays,
- * whose input and output stay in that cache, plain stores are faster (235 vs 308 us). */
-#define BN_STREAM_OUT ((npy_intp)24 << 20)
+ * whose input and output stay in that cache, plain stores are faster (235 vs 308 us).  24 MiB
+ * here: 3/4 of the L3. */
+#define BN_STREAM_OUT (bn_tune.stream_out)
 /* ... except a pass over short rows (BN_SHORT_ROW_APPLY bytes at most), which reads and writes
  * memory in order: plain stores keep up with that while the pass fits in the last level cache,
  * and leave the output there for the next pass ((8,112,112,32) float32, 24.5 MiB touched, on 2
  * threads: inference forward 458 -> 232 us, training forward 677 -> 458 us; above the cache, at
- * 36.8 MiB, backward_apply's non-temporal stores still win). */
-#define BN_STREAM_OUT_SHORT_ROWS ((npy_intp)32 << 20)
-#define BN_LINE 64 /* bytes in a cache line */
+ * 36.8 MiB, backward_apply's non-temporal stores still win).  32 MiB here: the whole L3. */
+#define BN_STREAM_OUT_SHORT_ROWS (bn_tune.stream_out_short_rows)
+#define BN_LINE (bn_tune.line) /* bytes in a cache line */
 
 /* Non-temporal stores of n bytes (a multiple of 16) to p, 16-byte aligned at least.  SSE2's 16-byte
  * stores exist in every x86-64 build; the write-combining buffers merge them into whole lines.

@@ -109,6 +109,26 @@ bn_target bn_current_target(void);
 /* The kernels of the current target for a dtype. */
 const bn_dtype_kernels *bn_kernels(bn_dtype dtype);
 
+/* The passes' size thresholds, in bytes, derived from the data caches (kernels.c says how and
+ * why).  Set once at import, before any kernel runs (module.c, under the GIL, before the pool
+ * has work), and only read afterwards. */
+typedef struct {
+    npy_intp l1_way;                /* one way of the L1d: rows this far apart share its sets */
+    npy_intp line;                  /* a cache line: streamed outputs cover whole ones */
+    npy_intp short_row_apply;       /* rows up to this are short, in the elementwise passes */
+    npy_intp short_row_reduce;      /* ... and in the reductions */
+    npy_intp long_row;              /* rows from this are long */
+    npy_intp streamed;              /* passes over more walk middling rows one at a time */
+    npy_intp stream_out;            /* passes touching more write with non-temporal stores */
+    npy_intp stream_out_short_rows; /* ... when their rows are short */
+} bn_thresholds;
+
+extern bn_thresholds bn_tune;
+
+struct bn_caches;
+/* Derive bn_tune from the caches (caches.h). */
+void bn_tune_for(const struct bn_caches *c);
+
 /* rstd[i] = 1 / sqrt(var[i] + eps), i < n, on the current target (the same bits on all). */
 void bn_rstd(const double *var, double eps, double *rstd, npy_intp n);
 

@@ -12,6 +12,7 @@
 #include <string.h>
 
 #include "buffers.h"
+#include "caches.h"
 #include "pool.h"
 
 #define RUN_WITHOUT_GIL(failed, steps)                                                             \
@@ -1205,6 +1206,63 @@ static int init_cpu_target(void)
     return 0;
 }
 
+/* ---- the caches and the thresholds derived from them ---- */
+
+static bn_caches caches; /* as found at import */
+
+/* Read the caches (BNORM_CACHES, "L1D,L2,L3", replaces their sizes: for tests and experiments;
+ * text that does not parse is ignored with a warning) and derive the kernels' thresholds: at
+ * import, under the GIL, before any kernel runs. */
+static int init_caches(void)
+{
+    bn_caches_detect(&caches);
+    const char *env = getenv("BNORM_CACHES");
+    if (env && *env && bn_caches_parse(env, &caches) < 0 &&
+        PyErr_WarnFormat(PyExc_RuntimeWarning, 1,
+                         "bnorm: ignoring BNORM_CACHES=%s (not \"L1D,L2,L3\" sizes such as "
+                         "\"32K,1M,32M\", L1d and L2 > 0)",
+                         env) < 0)
+        return -1;
+    bn_tune_for(&caches);
+    return 0;
+}
+
+/* d[key] = v, an int; -1 on failure */
+static int set_int(PyObject *d, const char *key, npy_intp v)
+{
+    PyObject *o = PyLong_FromSsize_t(v);
+    const int err = o ? PyDict_SetItemString(d, key, o) : -1;
+    Py_XDECREF(o);
+    return err;
+}
+
+static PyObject *bn_py_config(PyObject *self, PyObject *unused)
+{
+    PyObject *result = PyDict_New(), *c = PyDict_New(), *t = PyDict_New();
+    PyObject *target = PyUnicode_FromString(bn_target_name(bn_current_target()));
+    PyObject *source = PyUnicode_FromString(caches.source);
+    const bn_thresholds *th = &bn_tune;
+    if (!result || !c || !t || !target || !source || PyDict_SetItemString(c, "source", source) < 0 ||
+        set_int(c, "l1d", caches.l1d) < 0 || set_int(c, "l1d_ways", caches.l1d_ways) < 0 ||
+        set_int(c, "line", caches.line) < 0 || set_int(c, "l2", caches.l2) < 0 ||
+        set_int(c, "l3", caches.l3) < 0 || set_int(t, "l1_way", th->l1_way) < 0 ||
+        set_int(t, "line", th->line) < 0 || set_int(t, "short_row_apply", th->short_row_apply) < 0 ||
+        set_int(t, "short_row_reduce", th->short_row_reduce) < 0 ||
+        set_int(t, "long_row", th->long_row) < 0 || set_int(t, "streamed", th->streamed) < 0 ||
+        set_int(t, "stream_out", th->stream_out) < 0 ||
+        set_int(t, "stream_out_short_rows", th->stream_out_short_rows) < 0 ||
+        PyDict_SetItemString(result, "target", target) < 0 ||
+        set_int(result, "threads", bn_get_num_threads()) < 0 ||
+        PyDict_SetItemString(result, "caches", c) < 0 ||
+        PyDict_SetItemString(result, "thresholds", t) < 0)
+        Py_CLEAR(result);
+    Py_XDECREF(c);
+    Py_XDECREF(t);
+    Py_XDECREF(target);
+    Py_XDECREF(source);
+    return result;
+}
+
 static PyMethodDef methods[] = {
     {"forward", (PyCFunction)(void (*)(void))bn_forward, METH_FASTCALL | METH_KEYWORDS, NULL},
     {"backward", (PyCFunction)(void (*)(void))bn_backward, METH_FASTCALL | METH_KEYWORDS, NULL},
@@ -1239,6 +1297,11 @@ static PyMethodDef methods[] = {
      "The name of the CPU target whose kernels are in use: \"baseline\", \"x86-64-v3\" or\n"
      "\"x86-64-v4\" (the best the CPU has, capped by the environment variable BNORM_CPU\n"
      "at import); \"neon\" on aarch64."},
+    {"_config", bn_py_config, METH_NOARGS,
+     "_config($module)\n--\n\n"
+     "The CPU target, the thread count, the data caches found at import (bytes; 0: none\n"
+     "reported) and where from, and the size thresholds derived from them, as a dict\n"
+     "(bnorm.show_config prints it)."},
     {NULL, NULL, 0, NULL},
 };
 
@@ -1263,7 +1326,8 @@ PyMODINIT_FUNC PyInit__bnorm(void)
             return NULL;
         methods[i].ml_doc = specs[i]->signed_doc;
     }
-    if (bn_args_init() < 0 || init_num_threads() < 0 || init_cpu_target() < 0)
+    if (bn_args_init() < 0 || init_num_threads() < 0 || init_cpu_target() < 0 ||
+        init_caches() < 0)
         return NULL;
     if (bn_buffers_init() != 0) {
         PyErr_SetString(PyExc_RuntimeError, "bnorm: could not register a fork handler");

@@ -131,3 +131,29 @@ def test_family_rows_run_and_their_peers_agree(tmp_path):
         assert re.search(rf"^- {kind}: vs NumPy .*vs PyTorch .*full step vs NumPy ", text,
                          re.MULTILINE), text
     assert re.search(r"^Rows below issue 15's targets: ", text, re.MULTILINE)
+
+
+def test_scaling_runs(tmp_path):
+    """``--scaling`` on a tiny range (4 to 16 KiB, the post's code up to 8 KiB): a table row per
+    size with every peer's time per element, and the plot when matplotlib is installed."""
+    table, png = tmp_path / "scaling.md", tmp_path / "scaling.png"
+    cmd = [sys.executable, str(ROOT / "benchmarks" / "bench.py"), "--scaling",
+           "--scaling-min", "4K", "--scaling-max", "16K", "--scaling-numpy-max", "8K",
+           "--budget", "0.01", "--rounds", "1", "--retries", "0", "--markdown", str(table),
+           "--plot", str(png)]
+    run = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=child_env())
+    assert run.returncode == 0, run.stderr
+    text = table.read_text(encoding="utf-8")
+    assert text == run.stdout
+    (rows,) = tables(text)
+    assert [(r["x size"], r["shape"]) for r in rows] == [
+        ("4 KiB", "(16,64)"), ("8 KiB", "(32,64)"), ("16 KiB", "(64,64)")]
+    torch_installed = importlib.util.find_spec("torch") is not None
+    for r in rows:
+        assert float(r["bnorm ns/elem"]) > 0, r
+        assert re.fullmatch(TIME, r["bnorm step"]), r
+        assert (r["PyTorch ns/elem"] != "n/a") == torch_installed, r
+        assert (r["NumPy (post) ns/elem"] != "n/a") == (r["x size"] != "16 KiB"), r
+        assert float(r["others' CPUs"]) >= 0, r
+    assert "Caches (" in text and "L1d " in text
+    assert png.exists() == (importlib.util.find_spec("matplotlib") is not None)

@@ -9,7 +9,9 @@ import pytest
 
 import bnorm
 
-# float32 (3200, 1024): 12.5 MiB; normalize touches 25 MiB, above the 24 MiB from which it streams.
+# float32 (3200, 1024): 12.5 MiB; normalize touches 25 MiB, above the 24 MiB from which it streams
+# on the project's machine (3/4 of its 32 MiB L3: bnorm.show_config(); elsewhere other sizes
+# stream, and tests/test_config.py runs these layouts with tiny caches).
 # Short rows (16 features) stream from 32 MiB: in float32 backward_apply does (37.5 MiB) and
 # normalize does not; in float64 both do.
 ROWS, FEATURES = 3200, 1024
