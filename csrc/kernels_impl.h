@@ -299,6 +299,17 @@ BN_NAME(reduce)(const bn_block *b, const bn_coefs *c, const int flags)
                              sum1, sum2, grouped, flags);
 }
 
+/* acc[l] += lanes[l] for a tile, as whole vectors: told so (omp simd), since after inlining GCC
+ * no longer knew that acc is not the tile's own lanes and added them one by one (layer norm
+ * backward (4096,1024) float32 took 6.6 ms on one thread against 2.2 for batch norm's). */
+static BN_TARGET_ATTR BN_INLINE void BN_NAME(add_lanes)(double *restrict acc,
+                                                       const double *restrict lanes)
+{
+#pragma omp simd
+    for (npy_intp l = 0; l < BN_LANES; l++)
+        acc[l] += lanes[l];
+}
+
 /* Elementwise: out = (x - shift) * scale + offset [+ dy * dyscale], in the data's
  * dtype, on `rows` rows of m <= BN_LANES elements starting at feature f (the rows share their
  * features).  The coefficients are loaded once for all the rows: streaming x and out through L1
@@ -405,7 +416,10 @@ static BN_TARGET_ATTR BN_INLINE void BN_NAME(apply_tile)(
     }
     if (has_dy && params) {
         /* in lane order: the same sums however the block was cut into pieces' blocks */
-        if (ps1 != 0) {
+        if (ps1 == 1 && m == BN_LANES) { /* layer norm's rows: whole vectors */
+            BN_NAME(add_lanes)(pacc + p, dbeta);
+            BN_NAME(add_lanes)(pacc + nparam + p, dgamma);
+        } else if (ps1 != 0) {
             for (npy_intp l = 0; l < m; l++) {
                 pacc[p + l * ps1] += dbeta[l];
                 pacc[nparam + p + l * ps1] += dgamma[l];
