@@ -18,6 +18,20 @@
 #include <cpuid.h>
 #endif
 
+/* clang: fuse a product into an add (FMA) exactly where one expression writes a * b + c, on every
+ * pass alike, as GCC's -ffp-contract=fast does with these kernels.  Under -ffp-contract=fast clang
+ * leaves contraction to its backend, which fuses only a multiply that still feeds an add after
+ * vectorization.  In backward_sums without ReLU, clang's SLP vectorizer packed the independent
+ * `acc0 += w` and `acc1 += w * v` (the 16 lanes' sums and the tail's) into one two-lane add, so
+ * `w * v` was rounded on its own there.  With ReLU, where w is a select, it was fused.  The fused
+ * backward's dgamma then differed from the unfused one by an ulp (float64 (6,10,5,4) axis=1,
+ * x86-64-v3 and v4: 21 unfused multiplies in bwd_sums_double, none in bwd_sums_relu_double).
+ * contract(on) has the front end emit each written a * b + c as one fmuladd, which no later pass
+ * splits: an FMA where the target has one, a multiply and an add on the baseline. */
+#ifdef __clang__
+#pragma clang fp contract(on)
+#endif
+
 #if defined(_MSC_VER) && !defined(__clang__)
 #define BN_INLINE __forceinline
 #else
