@@ -205,6 +205,13 @@ static bn_split choose_split(const bn_plan *p, const bn_coefs *c)
             best.partials = partials;
             best.ppartials = ppartials;
         }
+        /* The outermost dimension that gives half the pieces wanted is enough: its pieces are
+         * long runs of memory, where an inner dimension's are short runs in every outer step
+         * (group norm NHWC (32,56,56,64) float32, 32 pieces of one sample instead of 64 of 49
+         * rows in each sample: forward on 2 threads 3.9 -> 1.4 ms; batch norm NCHW
+         * (32,64,56,56) split by sample, not channel: forward 2.9 -> 1.2 ms). */
+        if (2 * best.count >= want)
+            break;
     }
     return best;
 }
