@@ -34,10 +34,11 @@ def expected_thresholds(caches):
 
 
 def child_config(caches_env):
-    """bnorm's config in a child interpreter with BNORM_CACHES set (stderr too)."""
+    """bnorm's config in a child interpreter with BNORM_CACHES set (stderr too); run from /, so
+    that a source tree in the working directory does not shadow the bnorm under test."""
     code = "import bnorm, json; print(json.dumps(bnorm.show_config(mode='dicts')))"
     run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                         timeout=120, env=child_env(BNORM_CACHES=caches_env))
+                         timeout=120, env=child_env(BNORM_CACHES=caches_env), cwd="/")
     assert run.returncode == 0, run.stderr
     return json.loads(run.stdout), run.stderr
 
@@ -142,7 +143,7 @@ def test_thresholds_never_change_results(tmp_path):
     for name, env in (("tiny", "4K,16K,64K"), ("this machine", "")):
         files[name] = tmp_path / f"{len(files)}.npz"
         run = subprocess.run([sys.executable, "-c", CHECK, str(files[name])], capture_output=True,
-                             text=True, timeout=300, env=child_env(BNORM_CACHES=env))
+                             text=True, timeout=300, env=child_env(BNORM_CACHES=env), cwd="/")
         assert run.returncode == 0, run.stderr
     a, b = np.load(files["tiny"]), np.load(files["this machine"])
     assert a.files == b.files
