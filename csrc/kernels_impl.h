@@ -42,6 +42,22 @@ static BN_TARGET_ATTR BN_INLINE BN_C BN_NAME(relu_grad)(BN_C dy, BN_C p)
     return p > 0 ? dy : (BN_C)0;
 }
 
+/* A reduction's weight of one element: dy (x - shift itself in the statistics pass) through a
+ * fused ReLU's mask, and with per-parameter gamma (BN_PARAMS: layer and RMS norm) gamma[q] * dy,
+ * the mask's pre-activation then (v * act_scale + act_offset) * gamma[q] + beta[q]. */
+static BN_TARGET_ATTR BN_INLINE double BN_NAME(sums_weight)(double w, double v, double as,
+                                                           double ao, const BN_C *pgamma,
+                                                           const BN_C *pbeta, npy_intp q,
+                                                           const int flags)
+{
+    if (!(flags & BN_PARAMS))
+        return flags & BN_RELU ? BN_NAME(relu_grad_sums)(w, v * as + ao) : w;
+    const double g = (double)pgamma[q];
+    if (flags & BN_RELU)
+        w = BN_NAME(relu_grad_sums)(w, (v * as + ao) * g + (double)pbeta[q]);
+    return w * g;
+}
+
 /* Whether a pass walks a block's batch rows (rows of n1 elements sharing their features) one
  * after another rather than a group of them side by side.  Side by side, a feature's sums or
  * coefficients are loaded once per group instead of once per row, which is what counts while the
@@ -99,7 +115,7 @@ static BN_TARGET_ATTR BN_INLINE void BN_NAME(reduce_tile)(
     const BN_C *restrict shift, const BN_C *restrict act_scale, const BN_C *restrict act_offset,
     double *restrict sum0, double *restrict sum1, double *restrict sum2, const int flags)
 {
-    const int has_dy = flags & BN_HAS_DY, relu = flags & BN_RELU, params = flags & BN_PARAMS;
+    const int has_dy = flags & BN_HAS_DY, relu = flags & BN_RELU;
     const BN_C *pgamma = (const BN_C *)pw->gamma, *pbeta = (const BN_C *)pw->beta;
     BN_C xt[BN_STATS_ROWS][BN_LANES], dyt[BN_STATS_ROWS][BN_LANES];
     for (npy_intp r = 0; r < rows; r++) {
@@ -116,15 +132,8 @@ static BN_TARGET_ATTR BN_INLINE void BN_NAME(reduce_tile)(
         for (npy_intp r = 0; r < rows; r++) {
             const double v = (double)BN_TILE_AT(xt[r], x + r * xs0, xs1, l) - k;
             double w = has_dy ? (double)BN_TILE_AT(dyt[r], dy + r * ds0, ds1, l) : v;
-            if (params) {
-                const npy_intp q = pw->p + r * pw->ps0 + l * pw->ps1;
-                const double g = (double)pgamma[q];
-                if (relu)
-                    w = BN_NAME(relu_grad_sums)(w, (v * as + ao) * g + (double)pbeta[q]);
-                w *= g;
-            } else if (relu) {
-                w = BN_NAME(relu_grad_sums)(w, v * as + ao);
-            }
+            w = BN_NAME(sums_weight)(w, v, as, ao, pgamma, pbeta,
+                                     pw->p + r * pw->ps0 + l * pw->ps1, flags);
             s0 += w;
             s1 += w * v;
             s2 += v;
@@ -176,7 +185,7 @@ static BN_TARGET_ATTR BN_INLINE void BN_NAME(reduce_body)(
     const BN_C *restrict act_offset, double *restrict sum0, double *restrict sum1,
     double *restrict sum2, const int grouped, const int flags)
 {
-    const int has_dy = flags & BN_HAS_DY, relu = flags & BN_RELU, params = flags & BN_PARAMS;
+    const int has_dy = flags & BN_HAS_DY, relu = flags & BN_RELU;
     const BN_C *pgamma = (const BN_C *)pw->gamma, *pbeta = (const BN_C *)pw->beta;
     bn_param_walk row = *pw;
     row.ps1 = ps1;
@@ -218,15 +227,7 @@ static BN_TARGET_ATTR BN_INLINE void BN_NAME(reduce_body)(
             for (npy_intp l = 0; l < BN_LANES; l++) {
                 const double v = (double)BN_TILE_AT(xt, xt0, xs1, l) - k;
                 double w = has_dy ? (double)BN_TILE_AT(dyt, dyt0, ds1, l) : v;
-                if (params) {
-                    const double g = (double)pgamma[pt + l * ps1];
-                    if (relu)
-                        w = BN_NAME(relu_grad_sums)(w, (v * as + ao) * g +
-                                                           (double)pbeta[pt + l * ps1]);
-                    w *= g;
-                } else if (relu) {
-                    w = BN_NAME(relu_grad_sums)(w, v * as + ao);
-                }
+                w = BN_NAME(sums_weight)(w, v, as, ao, pgamma, pbeta, pt + l * ps1, flags);
                 lane0[l] += w;
                 lane1[l] += w * v;
                 if (has_dy)
@@ -243,15 +244,7 @@ static BN_TARGET_ATTR BN_INLINE void BN_NAME(reduce_body)(
         for (; j < n1; j++) {
             const double v = (double)BN_NAME(load)(xrow + j * xs1) - k;
             double w = has_dy ? (double)BN_NAME(load)(dyrow + j * ds1) : v;
-            if (params) {
-                const double g = (double)pgamma[prow + j * ps1];
-                if (relu)
-                    w = BN_NAME(relu_grad_sums)(w, (v * as + ao) * g +
-                                                       (double)pbeta[prow + j * ps1]);
-                w *= g;
-            } else if (relu) {
-                w = BN_NAME(relu_grad_sums)(w, v * as + ao);
-            }
+            w = BN_NAME(sums_weight)(w, v, as, ao, pgamma, pbeta, prow + j * ps1, flags);
             t0 += w;
             t1 += w * v;
             t2 += v;
