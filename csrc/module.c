@@ -915,8 +915,7 @@ static PyObject *bn_rms_norm_backward(PyObject *self, PyObject *const *args, Py_
         call_out(&c, a.out) < 0)
         goto done;
     bn_params_prepare(core); /* mean and beta: zeros */
-    RUN_WITHOUT_GIL(failed, bn_step_bwd_sums(core, 0, 0) < 0 ||
-                                (bn_rms_drop_mean_term(core), 0) ||
+    RUN_WITHOUT_GIL(failed, bn_step_rms_bwd_sums(core) < 0 ||
                                 bn_step_bwd_apply(core, (double)core->L.m, 1, 0) < 0);
     if (!failed) {
         const double *sums[1] = {core->p.acc + core->L.nparam};

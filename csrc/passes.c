@@ -267,10 +267,13 @@ int bn_step_mean_square(bn_call *c)
     return 0;
 }
 
-void bn_rms_drop_mean_term(bn_call *c)
+int bn_step_rms_bwd_sums(bn_call *c)
 {
+    if (bn_step_bwd_sums(c, 0, 0) < 0)
+        return -1;
     for (npy_intp f = 0; f < c->L.nfeat; f++)
         c->s.acc[f] = 0.0;
+    return 0;
 }
 
 /* ---- group norm ---- */

@@ -105,8 +105,9 @@ const double *bn_step_dgamma(bn_call *c);
 void bn_params_prepare(bn_call *c);
 /* RMS norm's statistic: s.mean = 0, s.var = mean(x^2) per row (float64 sums of x itself). */
 int bn_step_mean_square(bn_call *c);
-/* After bn_step_bwd_sums: RMS norm has no mean to subtract (its dx has no sum(dy) term). */
-void bn_rms_drop_mean_term(bn_call *c);
+/* RMS norm's backward sums: bn_step_bwd_sums about zero, without the sum(dy) term (there is no
+ * mean to subtract). */
+int bn_step_rms_bwd_sums(bn_call *c);
 
 /* ---- group norm: features are (sample, channel) pairs, f = n * C + c, over G groups of
  * C / G consecutive channels; statistics are per (sample, group) ---- */
